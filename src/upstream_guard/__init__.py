@@ -1,0 +1,35 @@
+"""upstream_guard: keep ASGI apps healthy when the Spotify Web API (or any upstream) is not."""
+
+from ._errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    RateLimitedError,
+    RetriesExhaustedError,
+    UpstreamUnavailable,
+)
+from ._guard import Guard
+from ._settings import (
+    BreakerSettings,
+    FallbackSettings,
+    GuardSettings,
+    RetrySettings,
+    SettingsError,
+    TimeoutSettings,
+    UpstreamSettings,
+)
+
+__all__ = [
+    "BreakerSettings",
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "FallbackSettings",
+    "Guard",
+    "GuardSettings",
+    "RateLimitedError",
+    "RetriesExhaustedError",
+    "RetrySettings",
+    "SettingsError",
+    "TimeoutSettings",
+    "UpstreamSettings",
+    "UpstreamUnavailable",
+]

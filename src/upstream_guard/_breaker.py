@@ -1,0 +1,244 @@
+"""The circuit breaker: pybreaker keeps the state; this wrapper owns admission.
+
+pybreaker is the record of state (counters, transitions, listeners, storage). Its own call
+path cannot be used across an ``await``: it counts cancellation as failure, admits every
+caller in half-open and lets late results re-trip a breaker. So admission happens here,
+synchronously between awaits, and each classified outcome is replayed into pybreaker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+import pybreaker
+
+from ._classify import Outcome
+from ._clock import Clock
+from ._settings import BreakerSettings
+
+CLOSED: Final = pybreaker.STATE_CLOSED
+OPEN: Final = pybreaker.STATE_OPEN
+HALF_OPEN: Final = pybreaker.STATE_HALF_OPEN
+
+StateHook = Callable[[str, str, str], None]
+"""Called as ``hook(breaker_name, old_state, new_state)`` on every transition."""
+
+
+class _ReplayedFailure(Exception):  # noqa: N818 - never escapes this module
+    """Stands for a classified failure while it is replayed into pybreaker."""
+
+
+def _fail() -> None:
+    raise _ReplayedFailure
+
+
+def _succeed() -> None:
+    return None
+
+
+class Permit:
+    """One admitted attempt; give it back with ``Breaker.record`` or ``Breaker.release``."""
+
+    __slots__ = ("done", "generation", "probe", "started")
+
+    def __init__(self, generation: int, probe: bool, started: float) -> None:
+        self.generation = generation
+        self.probe = probe
+        self.started = started
+        self.done = False
+
+
+class _Window:
+    """Calls and failures over the last ``window_s`` seconds, in ten buckets."""
+
+    __slots__ = ("_calls", "_fails", "_ids", "_span")
+    _N = 10
+
+    def __init__(self, window_s: float) -> None:
+        self._span = window_s / self._N
+        self._ids = [-1] * self._N
+        self._calls = [0] * self._N
+        self._fails = [0] * self._N
+
+    def add(self, now: float, failed: bool) -> None:
+        bucket = int(now / self._span)
+        i = bucket % self._N
+        if self._ids[i] != bucket:
+            self._ids[i] = bucket
+            self._calls[i] = 0
+            self._fails[i] = 0
+        self._calls[i] += 1
+        if failed:
+            self._fails[i] += 1
+
+    def totals(self, now: float) -> tuple[int, int]:
+        oldest = int(now / self._span) - self._N
+        calls = fails = 0
+        for i in range(self._N):
+            if self._ids[i] > oldest:
+                calls += self._calls[i]
+                fails += self._fails[i]
+        return calls, fails
+
+    def clear(self) -> None:
+        self._ids = [-1] * self._N
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: Breaker) -> None:
+        self._owner = owner
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:  # noqa: ARG002
+        self._owner.on_state_change(old_state.name if old_state else CLOSED, new_state.name)
+
+
+class Breaker:
+    """A breaker for one upstream (or one endpoint of it)."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: BreakerSettings,
+        clock: Clock,
+        hooks: list[StateHook] | None = None,
+    ) -> None:
+        """Create a closed breaker; ``hooks`` hear every state change."""
+        self.name = name
+        self.settings = settings
+        self._clock = clock
+        self._hooks = hooks if hooks is not None else []
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._state: str = CLOSED
+        self._opened_at = 0.0
+        self._probes = 0
+        self._window = _Window(settings.window_s)
+        self.failures_total = 0
+        self.last_failure: str | None = None
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=settings.fail_max,
+            reset_timeout=settings.reset_timeout_s,
+            success_threshold=settings.success_threshold,
+            name=name,
+            listeners=[_Listener(self)],
+        )
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open`` or ``half-open`` (open past its timeout reads half-open)."""
+        if self._state == OPEN and self.retry_after_s() <= 0:
+            return HALF_OPEN
+        return self._state
+
+    @property
+    def fail_counter(self) -> int:
+        """Consecutive failures recorded by pybreaker."""
+        return int(self._cb.fail_counter)
+
+    def retry_after_s(self) -> float:
+        """Seconds until an open breaker lets a probe through (0 when not open)."""
+        if self._state != OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.settings.reset_timeout_s - self._clock.monotonic())
+
+    # -- admission -----------------------------------------------------------------------
+
+    def admit(self) -> Permit | None:
+        """A permit for one attempt, or None when the breaker refuses it."""
+        now = self._clock.monotonic()
+        if self._state == CLOSED:  # the hot path: no lock, no pybreaker
+            return Permit(self._generation, False, now)
+        with self._lock:
+            if self._state == OPEN:
+                if now < self._opened_at + self.settings.reset_timeout_s:
+                    return None
+                self._cb.half_open()
+            if self._state == CLOSED:  # closed by a probe that just finished
+                return Permit(self._generation, False, now)
+            if self._probes >= self.settings.half_open_max_calls:
+                return None
+            self._probes += 1
+            return Permit(self._generation, True, now)
+
+    def release(self, permit: Permit) -> None:
+        """Give back a permit whose call was cancelled: neither success nor failure."""
+        if permit.done:
+            return
+        permit.done = True
+        if permit.probe:
+            with self._lock:
+                if permit.generation == self._generation:
+                    self._probes -= 1
+
+    def record(self, permit: Permit, outcome: Outcome, reason: str = "") -> None:
+        """Replay an attempt's classified outcome; results from an older state are dropped."""
+        if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
+            # Neither health nor ill health: a 429 is the app's quota, not the upstream's state.
+            self.release(permit)
+            return
+        if permit.done:
+            return
+        permit.done = True
+        now = self._clock.monotonic()
+        slow = self.settings.slow_call_s
+        failed = outcome is Outcome.FAILURE or (
+            slow is not None and outcome is Outcome.SUCCESS and now - permit.started > slow
+        )
+        with self._lock:
+            if permit.probe and permit.generation == self._generation:
+                self._probes -= 1
+            if permit.generation != self._generation:
+                return  # a late result: the state moved on while it was in flight
+            if failed:
+                self.failures_total += 1
+                self.last_failure = reason or "slow_call"
+                self._record_failure(now)
+            elif self._state == HALF_OPEN or self._cb.fail_counter:
+                self._replay(_succeed)
+                self._window.add(now, failed=False)
+            else:  # closed and clean: a success changes nothing in pybreaker
+                self._window.add(now, failed=False)
+
+    def _record_failure(self, now: float) -> None:
+        if self._state == CLOSED:
+            self._window.add(now, failed=True)
+        self._replay(_fail)
+        if self._state == CLOSED:
+            calls, fails = self._window.totals(now)
+            s = self.settings
+            if calls >= s.minimum_calls and fails >= s.failure_ratio * calls:
+                self._cb.open()
+
+    def _replay(self, func: Callable[[], None]) -> None:
+        with contextlib.suppress(_ReplayedFailure, pybreaker.CircuitBreakerError):
+            self._cb.call(func)
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def force_open(self) -> None:
+        """Open the breaker now (operators, tests, shared state)."""
+        with self._lock:
+            self._cb.open()
+
+    def force_close(self) -> None:
+        """Close the breaker now."""
+        with self._lock:
+            self._cb.close()
+
+    def on_state_change(self, old: str, new: str) -> None:
+        """Follow pybreaker's transitions (its listener calls this)."""
+        # Runs inside pybreaker's call, under our lock: no locking here.
+        self._generation += 1
+        self._state = new
+        self._probes = 0
+        if new == OPEN:
+            self._opened_at = self._clock.monotonic()
+        elif new == CLOSED:
+            self._window.clear()
+        for hook in self._hooks:
+            hook(self.name, old, new)

@@ -1,0 +1,146 @@
+"""The Guard: the upstreams' live state, and the transports that apply it."""
+
+from __future__ import annotations
+
+import random
+from contextvars import ContextVar
+from typing import Any
+
+from ._breaker import CLOSED, HALF_OPEN, OPEN
+from ._clock import Clock, SystemClock
+from ._httpx import HTTPX, Flavor, transport_classes
+from ._pipeline import CallRecord, Hook, UpstreamRuntime
+from ._settings import GuardSettings
+
+_STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+# Absolute deadline (on the guard's clock) of the inbound request being served, if any.
+request_deadline: ContextVar[float | None] = ContextVar("upstream_guard_deadline", default=None)
+
+
+class Guard:
+    """Circuit breakers, retries, the 429 cooldown and fallbacks for configured upstreams.
+
+    Works standalone (``guard.async_transport()`` in any httpx client) or installed in an
+    ASGI app with ``install(app)``.
+    """
+
+    def __init__(
+        self,
+        settings: GuardSettings | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Build the upstreams' state from ``settings`` (default: read from the environment)."""
+        self.settings = settings if settings is not None else GuardSettings()
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
+        self.hooks: list[Hook] = []
+        self.state_hooks: list[Any] = []
+        self.upstreams: dict[str, UpstreamRuntime] = {}
+        # host -> (runtime for any port, {port: runtime})
+        self._hosts: dict[str, tuple[UpstreamRuntime | None, dict[int, UpstreamRuntime]]] = {}
+        for name, upstream in self.settings.upstreams.items():
+            if not upstream.enabled:
+                continue
+            rt = UpstreamRuntime(name, upstream, self.clock, self.state_hooks)
+            self.upstreams[name] = rt
+            for entry in upstream.hosts:
+                host, port = _split_host(entry)
+                any_port, ports = self._hosts.get(host, (None, {}))
+                if port is None:
+                    any_port = rt
+                else:
+                    ports[port] = rt
+                self._hosts[host] = (any_port, ports)
+
+    # -- the hot path --------------------------------------------------------------------
+
+    def match(self, url: Any) -> UpstreamRuntime | None:
+        """The upstream a URL belongs to, or None for hosts the guard leaves alone."""
+        found = self._hosts.get(url.host)
+        if found is None:
+            return None
+        any_port, ports = found
+        if ports:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            return ports.get(port, any_port)
+        return any_port
+
+    def deadline_left(self) -> float | None:
+        """Seconds left of the inbound request's deadline, if one is set."""
+        deadline = request_deadline.get()
+        if deadline is None:
+            return None
+        return max(0.0, deadline - self.clock.monotonic())
+
+    def finish(self, record: CallRecord) -> None:
+        """Called by the drivers when a logical call ends, however it ends."""
+        for hook in self.hooks:
+            hook(record)
+
+    # -- public API ----------------------------------------------------------------------
+
+    def async_transport(self, inner: Any = None, *, flavor: Flavor = HTTPX) -> Any:
+        """An ``httpx.AsyncBaseTransport`` that guards calls through ``inner``."""
+        return transport_classes(flavor)[0](self, inner)
+
+    def sync_transport(self, inner: Any = None, *, flavor: Flavor = HTTPX) -> Any:
+        """An ``httpx.BaseTransport`` that guards calls through ``inner``."""
+        return transport_classes(flavor)[1](self, inner)
+
+    def state(self, upstream: str) -> str:
+        """``closed``, ``open`` or ``half-open``: the worst of the upstream's breakers."""
+        rt = self._runtime(upstream)
+        worst = CLOSED
+        for breaker in rt.breakers.values():
+            if _STATE_RANK[breaker.state] > _STATE_RANK[worst]:
+                worst = breaker.state
+        return worst
+
+    def retry_after_s(self, upstream: str) -> float:
+        """Seconds until ``upstream`` may be called again (open breaker or 429 cooldown)."""
+        return self._runtime(upstream).retry_after_s()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The health document: overall status and each upstream's state (no secrets)."""
+        upstreams: dict[str, Any] = {}
+        for name, rt in self.upstreams.items():
+            state = self.state(name)
+            upstreams[name] = {
+                "state": state,
+                "failures": sum(b.failures_total for b in rt.breakers.values()),
+                "consecutive_failures": max(
+                    (b.fail_counter for b in rt.breakers.values()), default=0
+                ),
+                "retry_after_s": round(rt.retry_after_s(), 3),
+                "cooldown_s": round(rt.cooldown.remaining(self.clock.monotonic()), 3),
+                "last_failure": next(
+                    (b.last_failure for b in rt.breakers.values() if b.last_failure), None
+                ),
+                "breakers": {key: b.state for key, b in rt.breakers.items()},
+            }
+        states = {u["state"] for u in upstreams.values()}
+        status = "ok"
+        if OPEN in states:
+            status = "unavailable"
+        elif HALF_OPEN in states or any(u["cooldown_s"] > 0 for u in upstreams.values()):
+            status = "degraded"
+        return {"status": status, "upstreams": upstreams}
+
+    def _runtime(self, upstream: str) -> UpstreamRuntime:
+        try:
+            return self.upstreams[upstream]
+        except KeyError:
+            known = ", ".join(sorted(self.upstreams)) or "none"
+            raise KeyError(f"no upstream named {upstream!r} (known: {known})") from None
+
+
+def _split_host(entry: str) -> tuple[str, int | None]:
+    if entry.startswith("["):
+        end = entry.index("]")
+        host, rest = entry[1:end], entry[end + 1 :]
+        return host, int(rest[1:]) if rest else None
+    host, sep, port = entry.rpartition(":")
+    return (host, int(port)) if sep else (entry, None)

@@ -1,0 +1,290 @@
+"""The decision core of one guarded call, written once for every driver.
+
+``guarded_call`` is a generator that performs no I/O: it yields ``Attempt`` (send the
+request once, with this timeout) and ``Wait`` (sleep this long), receives each attempt's
+``AttemptResult``, and finishes by returning (deliver the last response) or raising an
+``UpstreamUnavailable``. The async driver (anyio) and the sync driver (threads) execute it.
+Closing the generator mid-call (cancellation) releases the breaker permit and bulkhead
+place without recording anything.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+from ._breaker import CLOSED, Breaker, StateHook
+from ._bulkhead import Bulkhead
+from ._classify import Outcome, classify_status, parse_retry_after
+from ._clock import Clock
+from ._cooldown import CooldownGate
+from ._endpoints import TemplateMatcher
+from ._errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    RateLimitedError,
+    RetriesExhaustedError,
+    UpstreamUnavailable,
+)
+from ._retry import RetryBudget, decide_retry
+from ._settings import UpstreamSettings
+
+
+@dataclass(slots=True)
+class Attempt:
+    """Send the request once; the transport's own timeouts are capped at ``timeout_s``."""
+
+    number: int
+    timeout_s: float
+
+
+@dataclass(slots=True)
+class Wait:
+    """Sleep before going on."""
+
+    seconds: float
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """What one attempt produced: a response, or a transport error.
+
+    A response brings its status, Retry-After and (for failures) body; an error its
+    ``error_kind``: ``timeout``, ``connect_error`` or ``network_error``.
+    """
+
+    status: int | None = None
+    retry_after: str | None = None
+    body: bytes = b""
+    error_kind: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class RetryEvent:
+    """One retry the guard decided on (or declined), for telemetry."""
+
+    attempt: int
+    reason: str
+    delay_s: float
+    honoured_retry_after: bool
+    budget_left: float
+    retried: bool
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Everything decided during one logical call; filled in by ``guarded_call``."""
+
+    upstream: str
+    endpoint: str
+    method: str
+    started: float
+    breaker_state: str = CLOSED
+    attempts: int = 0
+    outcome: str = "cancelled"
+    reason: str = ""
+    status: int | None = None
+    retries: list[RetryEvent] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+Hook = Callable[[CallRecord], None]
+
+
+class UpstreamRuntime:
+    """The live state of one upstream: breakers, cooldown, retry budget, bulkhead."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: UpstreamSettings,
+        clock: Clock,
+        state_hooks: list[StateHook],
+    ) -> None:
+        """Build from settings; breakers are made on first use (one, or one per endpoint)."""
+        self.name = name
+        self.settings = settings
+        self.clock = clock
+        self.matcher = TemplateMatcher(settings.templates)
+        self.cooldown = CooldownGate()
+        self.budget = RetryBudget(
+            settings.retry.budget_ratio, settings.retry.budget_min_per_s, clock.monotonic()
+        )
+        self.bulkhead = (
+            Bulkhead(settings.max_concurrency) if settings.max_concurrency is not None else None
+        )
+        self._state_hooks = state_hooks
+        self._per_endpoint = settings.breaker.scope == "endpoint"
+        self.breakers: dict[str, Breaker] = {}
+        if not self._per_endpoint:
+            self.breakers[name] = Breaker(name, settings.breaker, clock, state_hooks)
+
+    def breaker_for(self, endpoint: str) -> Breaker:
+        """The breaker that guards this endpoint (templates keep their number bounded)."""
+        if not self._per_endpoint:
+            return self.breakers[self.name]
+        key = f"{self.name} {endpoint}"
+        breaker = self.breakers.get(key)
+        if breaker is None:
+            breaker = self.breakers.setdefault(
+                key, Breaker(key, self.settings.breaker, self.clock, self._state_hooks)
+            )
+        return breaker
+
+    def retry_after_s(self) -> float:
+        """How long until this upstream may be called again (breakers and cooldown)."""
+        now = self.clock.monotonic()
+        waits = [b.retry_after_s() for b in self.breakers.values()]
+        return max([self.cooldown.remaining(now), *waits])
+
+
+def classify_result(result: AttemptResult) -> tuple[Outcome, str]:
+    """Outcome and reason of one attempt."""
+    if result.status is None:
+        return Outcome.FAILURE, result.error_kind or "network_error"
+    return classify_status(result.status, result.body)
+
+
+def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one place
+    rt: UpstreamRuntime,
+    record: CallRecord,
+    *,
+    retryable_body: bool,
+    deadline_s: float | None,
+    rng: random.Random,
+) -> Generator[Attempt | Wait, AttemptResult | None, None]:
+    """Run one logical call (see the module docstring for the protocol)."""
+    s = rt.settings
+    clock = rt.clock
+    start = record.started
+    total = s.timeout.total_s if deadline_s is None else min(s.timeout.total_s, deadline_s)
+    deadline = start + total
+    breaker = rt.breaker_for(record.endpoint)
+    record.breaker_state = breaker.state
+
+    left = rt.cooldown.remaining(start)
+    if left > 0:
+        if left > s.retry.max_retry_after_s or left >= total:
+            record.outcome, record.reason = "refused", "cooldown"
+            raise RateLimitedError(
+                f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
+                upstream=rt.name,
+                reason="cooldown",
+                retry_after_s=left,
+            )
+        yield Wait(left)
+
+    if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
+        record.outcome, record.reason = "refused", "bulkhead_full"
+        raise BulkheadFullError(
+            f"{rt.name} already has {s.max_concurrency} calls in flight",
+            upstream=rt.name,
+            reason="bulkhead_full",
+            retry_after_s=None,
+        )
+    rt.budget.deposit()
+    previous_reason = ""
+    last_status: int | None = None
+    try:
+        while True:
+            permit = breaker.admit()
+            if permit is None:
+                if last_status is not None:  # opened by this call's own failures
+                    return  # hand back the last response
+                if not record.attempts:
+                    record.outcome, record.reason = "refused", "circuit_open"
+                    record.breaker_state = breaker.state
+                raise CircuitOpenError(
+                    f"{breaker.name} breaker is {breaker.state}; not calling it",
+                    upstream=rt.name,
+                    reason="circuit_open",
+                    retry_after_s=breaker.retry_after_s(),
+                )
+            record.attempts += 1
+            now = clock.monotonic()
+            try:
+                result = yield Attempt(record.attempts, min(s.timeout.attempt_s, deadline - now))
+                assert result is not None  # noqa: S101 - the drivers always send a result
+                outcome, reason = classify_result(result)
+                breaker.record(permit, outcome, reason)
+            finally:
+                breaker.release(permit)  # no-op once recorded; frees a cancelled probe slot
+            record.status = last_status = result.status
+            record.outcome, record.reason = outcome.value, reason
+            retry_after = None
+            if outcome is Outcome.THROTTLED:
+                retry_after = parse_retry_after(result.retry_after, clock.wall())
+                cool = retry_after if retry_after is not None else s.retry.throttle_cooldown_s
+                rt.cooldown.throttle(clock.monotonic(), cool)
+            if outcome is Outcome.SUCCESS or outcome is Outcome.CLIENT_ERROR:
+                return
+            now = clock.monotonic()
+            decision = decide_retry(
+                settings=s.retry,
+                # A body that cannot be sent twice makes the call unretryable, like a POST.
+                method=record.method if retryable_body else "",
+                attempt=record.attempts,
+                outcome=outcome,
+                reason=reason,
+                status=result.status,
+                retry_after_s=retry_after,
+                repeated_reason=reason == previous_reason,
+                remaining_s=deadline - now,
+                budget=rt.budget,
+                now=now,
+                rng=rng,
+            )
+            record.retries.append(
+                RetryEvent(
+                    attempt=record.attempts,
+                    reason=decision.reason,
+                    delay_s=decision.delay_s,
+                    honoured_retry_after=decision.honoured_retry_after,
+                    budget_left=rt.budget.tokens,
+                    retried=decision.retry,
+                )
+            )
+            if not decision.retry:
+                if result.status is not None:
+                    return  # the last response goes back, so client libraries handle it
+                raise RetriesExhaustedError(
+                    f"{rt.name} {record.method} {record.endpoint} failed after "
+                    f"{record.attempts} attempt(s): {reason} ({decision.reason})",
+                    upstream=rt.name,
+                    reason=reason,
+                    retry_after_s=rt.retry_after_s() or None,
+                ) from result.error
+            previous_reason = reason
+            yield Wait(decision.delay_s)
+            left = rt.cooldown.remaining(clock.monotonic())
+            if left > 0 and outcome is not Outcome.THROTTLED:
+                # Another call was throttled meanwhile: don't dig deeper.
+                if last_status is not None:
+                    return
+                raise RateLimitedError(
+                    f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
+                    upstream=rt.name,
+                    reason="cooldown",
+                    retry_after_s=left,
+                ) from result.error
+    except GeneratorExit:
+        record.outcome, record.reason = "cancelled", "cancelled"
+        raise
+    finally:
+        record.duration_s = clock.monotonic() - start
+        if rt.bulkhead is not None:
+            rt.bulkhead.release()
+
+
+__all__ = [
+    "Attempt",
+    "AttemptResult",
+    "CallRecord",
+    "Hook",
+    "UpstreamRuntime",
+    "UpstreamUnavailable",
+    "Wait",
+    "guarded_call",
+]
