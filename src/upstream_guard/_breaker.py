@@ -112,10 +112,13 @@ class Breaker:
         self._hooks = hooks if hooks is not None else []
         self._lock = threading.Lock()
         self._generation = 0
-        self._state: str = CLOSED
+        self.current: str = CLOSED
+        """The recorded state (``state`` also reads an expired open breaker as half-open)."""
         self._opened_at = 0.0
         self._probes = 0
         self._window = _Window(settings.window_s)
+        # Whether pybreaker holds consecutive failures that a success must reset.
+        self._dirty = False
         self.failures_total = 0
         self.last_failure: str | None = None
         self._cb = pybreaker.CircuitBreaker(
@@ -131,9 +134,9 @@ class Breaker:
     @property
     def state(self) -> str:
         """``closed``, ``open`` or ``half-open`` (open past its timeout reads half-open)."""
-        if self._state == OPEN and self.retry_after_s() <= 0:
+        if self.current == OPEN and self.retry_after_s() <= 0:
             return HALF_OPEN
-        return self._state
+        return self.current
 
     @property
     def fail_counter(self) -> int:
@@ -142,7 +145,7 @@ class Breaker:
 
     def retry_after_s(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when not open)."""
-        if self._state != OPEN:
+        if self.current != OPEN:
             return 0.0
         return max(0.0, self._opened_at + self.settings.reset_timeout_s - self._clock.monotonic())
 
@@ -151,14 +154,14 @@ class Breaker:
     def admit(self) -> Permit | None:
         """A permit for one attempt, or None when the breaker refuses it."""
         now = self._clock.monotonic()
-        if self._state == CLOSED:  # the hot path: no lock, no pybreaker
+        if self.current == CLOSED:  # the hot path: no lock, no pybreaker
             return Permit(self._generation, False, now)
         with self._lock:
-            if self._state == OPEN:
+            if self.current == OPEN:
                 if now < self._opened_at + self.settings.reset_timeout_s:
                     return None
                 self._cb.half_open()
-            if self._state == CLOSED:  # closed by a probe that just finished
+            if self.current == CLOSED:  # closed by a probe that just finished
                 return Permit(self._generation, False, now)
             if self._probes >= self.settings.half_open_max_calls:
                 return None
@@ -186,9 +189,17 @@ class Breaker:
         permit.done = True
         now = self._clock.monotonic()
         slow = self.settings.slow_call_s
-        failed = outcome is Outcome.FAILURE or (
-            slow is not None and outcome is Outcome.SUCCESS and now - permit.started > slow
-        )
+        failed = outcome is Outcome.FAILURE or (slow is not None and now - permit.started > slow)
+        if (
+            not failed
+            and not self._dirty
+            and self.current == CLOSED
+            and permit.generation == self._generation
+        ):
+            # The hot path: a success that changes nothing in pybreaker. The window is a
+            # statistic; a count lost to a thread race here cannot open or close anything.
+            self._window.add(now, failed=False)
+            return
         with self._lock:
             if permit.probe and permit.generation == self._generation:
                 self._probes -= 1
@@ -198,17 +209,18 @@ class Breaker:
                 self.failures_total += 1
                 self.last_failure = reason or "slow_call"
                 self._record_failure(now)
-            elif self._state == HALF_OPEN or self._cb.fail_counter:
-                self._replay(_succeed)
+            else:
                 self._window.add(now, failed=False)
-            else:  # closed and clean: a success changes nothing in pybreaker
-                self._window.add(now, failed=False)
+                if self.current == HALF_OPEN or self._dirty:
+                    self._replay(_succeed)
+                    self._dirty = False
 
     def _record_failure(self, now: float) -> None:
-        if self._state == CLOSED:
+        if self.current == CLOSED:
             self._window.add(now, failed=True)
+        self._dirty = True
         self._replay(_fail)
-        if self._state == CLOSED:
+        if self.current == CLOSED:
             calls, fails = self._window.totals(now)
             s = self.settings
             if calls >= s.minimum_calls and fails >= s.failure_ratio * calls:
@@ -234,8 +246,9 @@ class Breaker:
         """Follow pybreaker's transitions (its listener calls this)."""
         # Runs inside pybreaker's call, under our lock: no locking here.
         self._generation += 1
-        self._state = new
+        self.current = new
         self._probes = 0
+        self._dirty = self._cb.fail_counter > 0
         if new == OPEN:
             self._opened_at = self._clock.monotonic()
         elif new == CLOSED:

@@ -19,8 +19,8 @@ _BODY_MARKERS = (
 )
 
 
-class Outcome(enum.Enum):
-    """What one attempt said about the upstream's health."""
+class Outcome(enum.StrEnum):
+    """What one attempt said about the upstream's health (a str: usable as a label as is)."""
 
     SUCCESS = "success"
     FAILURE = "failure"

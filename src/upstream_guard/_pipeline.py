@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ._breaker import CLOSED, Breaker, StateHook
 from ._bulkhead import Bulkhead
@@ -86,7 +86,7 @@ class CallRecord:
     outcome: str = "cancelled"
     reason: str = ""
     status: int | None = None
-    retries: list[RetryEvent] = field(default_factory=list)
+    retries: list[RetryEvent] | None = None
     duration_s: float = 0.0
 
 
@@ -142,9 +142,12 @@ class UpstreamRuntime:
 
 def classify_result(result: AttemptResult) -> tuple[Outcome, str]:
     """Outcome and reason of one attempt."""
-    if result.status is None:
+    status = result.status
+    if status is None:
         return Outcome.FAILURE, result.error_kind or "network_error"
-    return classify_status(result.status, result.body)
+    if status < 400:
+        return Outcome.SUCCESS, "ok"
+    return classify_status(status, result.body)
 
 
 def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one place
@@ -162,10 +165,11 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
     total = s.timeout.total_s if deadline_s is None else min(s.timeout.total_s, deadline_s)
     deadline = start + total
     breaker = rt.breaker_for(record.endpoint)
-    record.breaker_state = breaker.state
+    if breaker.current != CLOSED:  # closed is the record's default
+        record.breaker_state = breaker.state
 
-    left = rt.cooldown.remaining(start)
-    if left > 0:
+    if rt.cooldown.until > start:
+        left = rt.cooldown.until - start
         if left > s.retry.max_retry_after_s or left >= total:
             record.outcome, record.reason = "refused", "cooldown"
             raise RateLimitedError(
@@ -203,16 +207,16 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
                     retry_after_s=breaker.retry_after_s(),
                 )
             record.attempts += 1
-            now = clock.monotonic()
             try:
-                result = yield Attempt(record.attempts, min(s.timeout.attempt_s, deadline - now))
+                left = deadline - permit.started
+                result = yield Attempt(record.attempts, min(s.timeout.attempt_s, left))
                 assert result is not None  # noqa: S101 - the drivers always send a result
                 outcome, reason = classify_result(result)
                 breaker.record(permit, outcome, reason)
             finally:
                 breaker.release(permit)  # no-op once recorded; frees a cancelled probe slot
             record.status = last_status = result.status
-            record.outcome, record.reason = outcome.value, reason
+            record.outcome, record.reason = outcome, reason
             retry_after = None
             if outcome is Outcome.THROTTLED:
                 retry_after = parse_retry_after(result.retry_after, clock.wall())
@@ -236,6 +240,8 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
                 now=now,
                 rng=rng,
             )
+            if record.retries is None:
+                record.retries = []
             record.retries.append(
                 RetryEvent(
                     attempt=record.attempts,

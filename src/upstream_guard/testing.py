@@ -1,12 +1,23 @@
-"""Test helpers for users of upstream_guard and for its own tests: a clock that never waits."""
+"""Test helpers for users of upstream_guard and for its own tests.
+
+- ``FakeClock``: a clock that never waits, for ``Guard(settings, clock=FakeClock())``.
+- ``SpotifySimulator`` and ``Fault``: a simulated Spotify Web API with switchable faults.
+- ``serve(app)``: run an ASGI app under uvicorn on a free loopback port, in a thread.
+"""
 
 from __future__ import annotations
 
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import anyio.lowlevel
 
-__all__ = ["FakeClock"]
+from ._simulator import Fault, SpotifySimulator
+
+__all__ = ["FakeClock", "Fault", "SpotifySimulator", "serve"]
 
 
 class FakeClock:
@@ -46,3 +57,32 @@ class FakeClock:
         """Record the wait and move time forward."""
         self.slept.append(seconds)
         self.advance(seconds)
+
+
+@contextmanager
+def serve(app: Any, *, host: str = "127.0.0.1", **config: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port of ``host``; yield its base URL.
+
+    The socket listens before the server thread starts, so clients can connect at once
+    (the kernel queues them) and nothing has to wait for the server to come up.
+    """
+    import uvicorn  # noqa: PLC0415 - a test-time dependency only
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(512)
+    port = sock.getsockname()[1]
+    options: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 2}
+    options.update(config)
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        if isinstance(app, SpotifySimulator):
+            app.release()
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmark scripts: machine description, tables, result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    """One line describing where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def median_us(samples: list[float]) -> float:
+    """Median of per-call seconds, in microseconds."""
+    return statistics.median(samples) * 1e6
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write(name: str, title: str, body: str) -> Path:
+    """Print and save a result file with the machine description."""
+    RESULTS.mkdir(exist_ok=True)
+    text = (
+        f"# {title}\n\nMeasured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on: {machine()}\n\n"
+        f"{body}\n"
+    )
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    return path

@@ -1,0 +1,137 @@
+"""Per-call overhead of the guard on a healthy upstream, against a bare httpx call.
+
+In-process, through httpx.MockTransport, no OpenTelemetry SDK: the pure cost of the guard.
+Variants run interleaved in rounds so that drift on the machine hits them all alike; the
+figure per variant is the median over rounds of the mean per-call time within a round, and
+each ratio is the median of the per-round ratios (bare and guarded measured back to back).
+The process is pinned to one core where the OS allows it, to keep migrations out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+from _common import table, write
+
+from upstream_guard import CircuitOpenError, Guard, GuardSettings
+
+URL = "https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
+OTHER = "https://i.scdn.co/image/ab67616d0000b273"
+ROUNDS = 40
+CALLS = 400
+
+
+def handler(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=b'{"id": "3n3Ppam7vgaVa1iaRUc9Lp"}')
+
+
+async def per_call(fn: Callable[[], Awaitable[object]], n: int = CALLS) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        await fn()
+    return (time.perf_counter() - start) / n
+
+
+def per_call_sync(fn: Callable[[], object], n: int = CALLS) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+async def main() -> None:
+    guard = Guard(GuardSettings())
+    mock = httpx.MockTransport(handler)
+    bare = httpx.AsyncClient(transport=mock)
+    guarded = httpx.AsyncClient(transport=guard.async_transport(mock))
+    bare_sync = httpx.Client(transport=mock)
+    guarded_sync = httpx.Client(transport=guard.sync_transport(mock))
+
+    # Transport-level costs: what the guard adds before the inner transport is reached.
+    open_guard = Guard(GuardSettings())
+    open_guard.upstreams["spotify_api"].breakers["spotify_api"].force_open()
+    open_transport = open_guard.async_transport(mock)
+    pass_transport = guard.async_transport(mock)
+    refused_request = httpx.Request("GET", URL)
+    other_request = httpx.Request("GET", OTHER)
+
+    async def refused() -> None:
+        try:
+            await open_transport.handle_async_request(refused_request)
+        except CircuitOpenError:
+            pass
+
+    variants: dict[str, Callable[[], Awaitable[float]]] = {
+        "async bare": lambda: per_call(lambda: bare.get(URL)),
+        "async guarded": lambda: per_call(lambda: guarded.get(URL)),
+        "sync bare": lambda: asyncio.sleep(0, per_call_sync(lambda: bare_sync.get(URL))),
+        "sync guarded": lambda: asyncio.sleep(0, per_call_sync(lambda: guarded_sync.get(URL))),
+        "transport: inner only, other host": lambda: per_call(
+            lambda: mock.handle_async_request(other_request), 2000
+        ),
+        "transport: guard, other host (pass-through)": lambda: per_call(
+            lambda: pass_transport.handle_async_request(other_request), 2000
+        ),
+        "transport: guard, open breaker (refusal)": lambda: per_call(refused, 2000),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for name, run in variants.items():  # warm up
+        await run()
+    for _ in range(ROUNDS):
+        for name, run in variants.items():
+            samples[name].append(await run())
+    med = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+
+    def paired(name: str, base: str) -> float:
+        return statistics.median(g / b for g, b in zip(samples[name], samples[base], strict=True))
+
+    def added(name: str, base: str) -> float:
+        return statistics.median(g - b for g, b in zip(samples[name], samples[base], strict=True)) * 1e6
+
+    rows = []
+    for name in variants:
+        base = None
+        if name.startswith("async"):
+            base = med["async bare"]
+        elif name.startswith("sync"):
+            base = med["sync bare"]
+        base_name = "async bare" if name.startswith("async") else "sync bare"
+        ratio = f"{paired(name, base_name):.3f}x" if base else ""
+        extra = f"{added(name, base_name):+.1f}" if base else ""
+        rows.append([name, f"{med[name]:.1f}", ratio, extra])
+    passthrough = added(
+        "transport: guard, other host (pass-through)", "transport: inner only, other host"
+    )
+    refusal = med["transport: guard, open breaker (refusal)"]
+    async_ratio = paired("async guarded", "async bare")
+    sync_ratio = paired("sync guarded", "sync bare")
+    verdicts = [
+        ["guarded async call / bare", f"{async_ratio:.3f}x", "<= 1.10x", _ok(async_ratio <= 1.10)],
+        ["guarded sync call / bare", f"{sync_ratio:.3f}x", "<= 1.10x", _ok(sync_ratio <= 1.10)],
+        ["open-breaker refusal", f"{refusal:.1f} us", "< 20 us", _ok(refusal < 20)],
+        ["unguarded host pass-through", f"{passthrough:.2f} us", "< 2 us", _ok(passthrough < 2)],
+    ]
+    body = (
+        f"{ROUNDS} interleaved rounds; median of per-round mean per-call time.\n\n"
+        + table(["variant", "us per call", "ratio to bare", "added us"], rows)
+        + "\n\n"
+        + table(["target", "measured", "goal", "met"], verdicts)
+    )
+    write("overhead", "Per-call overhead of a healthy guarded call", body)
+    await bare.aclose()
+    await guarded.aclose()
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+if __name__ == "__main__":
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    asyncio.run(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: both anyio backends, a fake clock, and a simulated Spotify on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from upstream_guard import GuardSettings
+from upstream_guard.testing import FakeClock, SpotifySimulator, serve
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run every async test on asyncio and on trio."""
+    return str(request.param)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def _sim_server() -> Iterator[tuple[SpotifySimulator, str]]:
+    sim = SpotifySimulator()
+    with serve(sim) as url:
+        yield sim, url
+
+
+@pytest.fixture
+def sim(_sim_server: tuple[SpotifySimulator, str]) -> Iterator[SpotifySimulator]:
+    """The shared simulator, healthy and with no hits at the start of each test."""
+    simulator, _ = _sim_server
+    simulator.heal()
+    yield simulator
+    simulator.heal()
+
+
+@pytest.fixture
+def sim_url(_sim_server: tuple[SpotifySimulator, str], sim: SpotifySimulator) -> str:
+    """Base URL of the simulator, e.g. http://127.0.0.1:PORT."""
+    return _sim_server[1]
+
+
+def make_settings(url: str, **groups: Any) -> GuardSettings:
+    """Settings whose spotify_api upstream is the server at ``url``, with group overrides."""
+    hostport = url.split("://", 1)[1].rstrip("/")
+    return GuardSettings(upstreams={"spotify_api": {"hosts": [hostport], **groups}})
