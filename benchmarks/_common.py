@@ -44,8 +44,7 @@ def write(name: str, title: str, body: str) -> Path:
     """Print and save a result file with the machine description."""
     RESULTS.mkdir(exist_ok=True)
     text = (
-        f"# {title}\n\nMeasured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on: {machine()}\n\n"
-        f"{body}\n"
+        f"# {title}\n\nMeasured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on: {machine()}\n\n{body}\n"
     )
     path = RESULTS / f"{name}.md"
     path.write_text(text)

@@ -5,15 +5,26 @@ Variants run interleaved in rounds so that drift on the machine hits them all al
 figure per variant is the median over rounds of the mean per-call time within a round, and
 each ratio is the median of the per-round ratios (bare and guarded measured back to back).
 The process is pinned to one core where the OS allows it, to keep migrations out.
+
+Timings on a shared two-core VM move by 20-30% between runs, so where valgrind is installed
+the script also counts instructions per call (callgrind: the same count on every run) for
+the bare and the guarded sync call; pass --no-callgrind to skip that part.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 from _common import table, write
@@ -22,8 +33,8 @@ from upstream_guard import CircuitOpenError, Guard, GuardSettings
 
 URL = "https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
 OTHER = "https://i.scdn.co/image/ab67616d0000b273"
-ROUNDS = 40
-CALLS = 400
+ROUNDS = 60
+CALLS = 200
 
 
 def handler(request: httpx.Request) -> httpx.Response:
@@ -61,10 +72,8 @@ async def main() -> None:
     other_request = httpx.Request("GET", OTHER)
 
     async def refused() -> None:
-        try:
+        with contextlib.suppress(CircuitOpenError):
             await open_transport.handle_async_request(refused_request)
-        except CircuitOpenError:
-            pass
 
     variants: dict[str, Callable[[], Awaitable[float]]] = {
         "async bare": lambda: per_call(lambda: bare.get(URL)),
@@ -80,7 +89,7 @@ async def main() -> None:
         "transport: guard, open breaker (refusal)": lambda: per_call(refused, 2000),
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for name, run in variants.items():  # warm up
+    for run in variants.values():  # warm up
         await run()
     for _ in range(ROUNDS):
         for name, run in variants.items():
@@ -91,7 +100,10 @@ async def main() -> None:
         return statistics.median(g / b for g, b in zip(samples[name], samples[base], strict=True))
 
     def added(name: str, base: str) -> float:
-        return statistics.median(g - b for g, b in zip(samples[name], samples[base], strict=True)) * 1e6
+        return (
+            statistics.median(g - b for g, b in zip(samples[name], samples[base], strict=True))
+            * 1e6
+        )
 
     rows = []
     for name in variants:
@@ -122,9 +134,64 @@ async def main() -> None:
         + "\n\n"
         + table(["target", "measured", "goal", "met"], verdicts)
     )
+    if "--no-callgrind" not in sys.argv and shutil.which("valgrind"):
+        body += "\n\n" + callgrind_section()
     write("overhead", "Per-call overhead of a healthy guarded call", body)
     await bare.aclose()
     await guarded.aclose()
+
+
+_CALLGRIND_CLIENT = """
+import sys, httpx
+from upstream_guard import Guard, GuardSettings
+inner = httpx.MockTransport(lambda r: httpx.Response(200, content=b'{"id": "x"}'))
+guarded = sys.argv[1] == "guarded"
+transport = Guard(GuardSettings()).sync_transport(inner) if guarded else inner
+client = httpx.Client(transport=transport)
+for _ in range(int(sys.argv[2])):
+    client.get("https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp")
+"""
+
+
+def _instructions(variant: str, calls: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "client.py"
+        script.write_text(_CALLGRIND_CLIENT)
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/cg.out",
+                sys.executable,
+                str(script),
+                variant,
+                str(calls),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    match = re.search(r"refs:\s+([\d,]+)", out.stderr)
+    assert match, out.stderr
+    return int(match.group(1).replace(",", ""))
+
+
+def callgrind_section() -> str:
+    """Instructions per call, from the difference of a short and a long run (start-up cancels)."""
+    per_call = {}
+    for variant in ("bare", "guarded"):
+        short, long = _instructions(variant, 200), _instructions(variant, 1200)
+        per_call[variant] = (long - short) / 1000
+    ratio = per_call["guarded"] / per_call["bare"]
+    rows = [
+        ["sync bare", f"{per_call['bare']:,.0f}", "1.000x"],
+        ["sync guarded", f"{per_call['guarded']:,.0f}", f"{ratio:.3f}x"],
+    ]
+    return (
+        "Instructions per call (callgrind, deterministic):\n\n"
+        + table(["variant", "instructions per call", "ratio"], rows)
+        + f"\n\nguarded / bare by instructions: {ratio:.3f}x (goal <= 1.10x: {_ok(ratio <= 1.10)})"
+    )
 
 
 def _ok(flag: bool) -> str:

@@ -79,24 +79,22 @@ def _cap_timeouts(request: Any, original: dict[str, float | None] | None, second
     }
 
 
-def _start(guard: Guard, rt: UpstreamRuntime, request: Any) -> tuple[CallRecord, _Call, bool]:
-    method = request.method
+def _start(guard: Guard, rt: UpstreamRuntime, request: Any) -> tuple[CallRecord, _Call]:
     record = CallRecord(
-        upstream=rt.name,
-        endpoint=rt.matcher.match(request.url.path),
-        method=method,
-        started=rt.clock.monotonic(),
+        rt.name, rt.matcher.match(request.url.path), request.method, rt.clock.monotonic()
     )
-    replay = method in rt.settings.retry.methods and rt.settings.retry.attempts > 1
     call = guarded_call(
         rt, record, retryable_body=True, deadline_s=guard.deadline_left(), rng=guard.rng
     )
-    return record, call, replay
+    return record, call
+
+
+_HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 
 
 def _result(status: int, headers: Any, body: bytes) -> AttemptResult:
-    if status < 400:  # a healthy answer: skip the header lookup
-        return AttemptResult(status=status)
+    if status < 400:  # a healthy answer: nothing to look up (results are never mutated)
+        return _HEALTHY.get(status) or AttemptResult(status=status)
     return AttemptResult(status=status, retry_after=headers.get("retry-after"), body=body)
 
 
@@ -126,8 +124,8 @@ class AsyncGuardedTransport:
         rt = self._guard.match(request.url)
         if rt is None:
             return await self._inner.handle_async_request(request)
-        record, call, replay = _start(self._guard, rt, request)
-        if replay:
+        record, call = _start(self._guard, rt, request)
+        if request.method in rt.replay_methods:
             await request.aread()  # a retry must be able to send the body again
         original = request.extensions.get("timeout")
         response: Any = None
@@ -204,8 +202,8 @@ class SyncGuardedTransport:
         rt = self._guard.match(request.url)
         if rt is None:
             return self._inner.handle_request(request)
-        record, call, replay = _start(self._guard, rt, request)
-        if replay:
+        record, call = _start(self._guard, rt, request)
+        if request.method in rt.replay_methods:
             request.read()
         original = request.extensions.get("timeout")
         response: Any = None

@@ -115,6 +115,10 @@ class UpstreamRuntime:
         self.bulkhead = (
             Bulkhead(settings.max_concurrency) if settings.max_concurrency is not None else None
         )
+        # Read on every call: kept here instead of walking the settings models each time.
+        self.replay_methods = settings.retry.methods if settings.retry.attempts > 1 else frozenset()
+        self.total_s = settings.timeout.total_s
+        self.attempt_s = settings.timeout.attempt_s
         self._state_hooks = state_hooks
         self._per_endpoint = settings.breaker.scope == "endpoint"
         self.breakers: dict[str, Breaker] = {}
@@ -162,7 +166,7 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
     s = rt.settings
     clock = rt.clock
     start = record.started
-    total = s.timeout.total_s if deadline_s is None else min(s.timeout.total_s, deadline_s)
+    total = rt.total_s if deadline_s is None else min(rt.total_s, deadline_s)
     deadline = start + total
     breaker = rt.breaker_for(record.endpoint)
     if breaker.current != CLOSED:  # closed is the record's default
@@ -209,7 +213,7 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
             record.attempts += 1
             try:
                 left = deadline - permit.started
-                result = yield Attempt(record.attempts, min(s.timeout.attempt_s, left))
+                result = yield Attempt(record.attempts, min(rt.attempt_s, left))
                 assert result is not None  # noqa: S101 - the drivers always send a result
                 outcome, reason = classify_result(result)
                 breaker.record(permit, outcome, reason)
