@@ -11,6 +11,16 @@ from upstream_guard import GuardSettings
 from upstream_guard.testing import FakeClock, SpotifySimulator, serve
 
 
+@pytest.fixture(autouse=True)
+def _no_guard_left_installed() -> Iterator[None]:
+    """Each test starts and ends with the client libraries unpatched."""
+    yield
+    from upstream_guard import _instrument
+
+    for guard in list(_instrument._installed):
+        _instrument.uninstrument(guard)
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run every async test on asyncio and on trio."""

@@ -8,6 +8,7 @@ from ._errors import (
     UpstreamUnavailable,
 )
 from ._guard import Guard
+from ._middleware import UpstreamGuardMiddleware, install
 from ._settings import (
     BreakerSettings,
     FallbackSettings,
@@ -30,6 +31,8 @@ __all__ = [
     "RetrySettings",
     "SettingsError",
     "TimeoutSettings",
+    "UpstreamGuardMiddleware",
     "UpstreamSettings",
     "UpstreamUnavailable",
+    "install",
 ]

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import random
-from contextvars import ContextVar
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
+from ._context import FAILED_OUTCOMES, request_context
 from ._httpx import HTTPX, Flavor, transport_classes
 from ._pipeline import CallRecord, Hook, UpstreamRuntime
 from ._settings import GuardSettings
 
+F = TypeVar("F", bound=Callable[..., Any])
 _STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
-
-# Absolute deadline (on the guard's clock) of the inbound request being served, if any.
-request_deadline: ContextVar[float | None] = ContextVar("upstream_guard_deadline", default=None)
 
 
 class Guard:
@@ -37,6 +36,7 @@ class Guard:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
         self.hooks: list[Hook] = []
+        self.fallbacks: dict[str, Any] = {}
         self.state_hooks: list[Any] = []
         self.upstreams: dict[str, UpstreamRuntime] = {}
         # host -> (runtime for any port, {port: runtime})
@@ -70,13 +70,20 @@ class Guard:
 
     def deadline_left(self) -> float | None:
         """Seconds left of the inbound request's deadline, if one is set."""
-        deadline = request_deadline.get()
-        if deadline is None:
+        ctx = request_context.get()
+        if ctx is None or ctx.deadline is None:
             return None
-        return max(0.0, deadline - self.clock.monotonic())
+        return max(0.0, ctx.deadline - self.clock.monotonic())
 
     def finish(self, record: CallRecord) -> None:
         """Called by the drivers when a logical call ends, however it ends."""
+        ctx = request_context.get()
+        if ctx is not None:
+            ctx.used[record.upstream] = ctx.used.get(record.upstream, 0.0) + record.duration_s
+            if record.outcome in FAILED_OUTCOMES:
+                ctx.failed[record.upstream] = record.reason
+            elif record.outcome == "stale":
+                ctx.stale = True
         for hook in self.hooks:
             hook(record)
 
@@ -89,6 +96,24 @@ class Guard:
     def sync_transport(self, inner: Any = None, *, flavor: Flavor = HTTPX) -> Any:
         """An ``httpx.BaseTransport`` that guards calls through ``inner``."""
         return transport_classes(flavor)[1](self, inner)
+
+    def requests_session(self) -> Any:
+        """A ``requests.Session`` whose calls to guarded hosts go through this guard."""
+        from ._requests import guarded_session  # noqa: PLC0415 - requests is optional
+
+        return guarded_session(self)
+
+    def fallback(self, path: str) -> Callable[[F], F]:
+        """Register a route's own fallback: ``(request, error) -> Response``, sync or async.
+
+        ``path`` is the request path or the route's template (``/tracks/{id}``).
+        """
+
+        def register(handler: F) -> F:
+            self.fallbacks[path] = handler
+            return handler
+
+        return register
 
     def state(self, upstream: str) -> str:
         """``closed``, ``open`` or ``half-open``: the worst of the upstream's breakers."""

@@ -1,21 +1,25 @@
-"""httpx (and httpx2) transports that run the guarded call: an async driver and a sync driver.
+"""httpx (and httpx2) drivers of the guarded call: one async (anyio), one sync.
 
 The drivers only do I/O: the decisions are ``guarded_call``'s. Errors are mapped in one
 place (``Flavor.error``) to classes that are both our ``UpstreamUnavailable`` and the client
 library's ``TransportError``, so an app's existing ``except httpx.TransportError`` still works.
+The same drivers serve the explicit transports (``guard.async_transport()``) and the
+instrumented ``HTTPTransport`` classes (``install(app)``).
 """
 
 from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import httpx
 
+from ._cache import cache_key, stale_headers, storable
 from ._classify import needs_body
+from ._context import guarding
 from ._errors import UpstreamUnavailable
 from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call
 
@@ -98,6 +102,174 @@ def _result(status: int, headers: Any, body: bytes) -> AttemptResult:
     return AttemptResult(status=status, retry_after=headers.get("retry-after"), body=body)
 
 
+def _rebuild(flavor: Flavor, response: Any, body: bytes) -> Any:
+    return flavor.response(
+        response.status_code, headers=response.headers, content=body, extensions=response.extensions
+    )
+
+
+def _stale_key(rt: UpstreamRuntime, request: Any) -> str | None:
+    if rt.stale is None or request.method != "GET":
+        return None
+    return cache_key(rt.name, str(request.url), request.headers.get)
+
+
+def _stale_response(
+    flavor: Flavor, rt: UpstreamRuntime, key: str | None, record: CallRecord
+) -> Any | None:
+    if key is None or rt.stale is None:
+        return None
+    found = rt.stale.get(key)
+    if found is None:
+        return None
+    entry, age = found
+    record.outcome = "stale"
+    return flavor.response(entry.status, headers=stale_headers(entry, age), content=entry.body)
+
+
+def _keep(rt: UpstreamRuntime, key: str, response: Any) -> None:
+    assert rt.stale is not None  # noqa: S101 - only called with a cache
+    rt.stale.put(key, response.status_code, list(response.headers.multi_items()), response.content)
+
+
+def _delivered(
+    flavor: Flavor, rt: UpstreamRuntime, key: str | None, record: CallRecord, response: Any
+) -> tuple[Any, bool]:
+    """What to hand back for a delivered response, and whether to read and keep its body."""
+    if key is None:
+        return response, False
+    if storable(response.status_code, response.headers.get("cache-control")):
+        return response, True
+    if response.status_code >= 500 or response.status_code == 429:
+        return _stale_response(flavor, rt, key, record) or response, False
+    return response, False
+
+
+def _stale_or_raise(
+    flavor: Flavor,
+    *,
+    rt: UpstreamRuntime,
+    key: str | None,
+    record: CallRecord,
+    exc: UpstreamUnavailable,
+    request: Any,
+) -> Any:
+    stale = _stale_response(flavor, rt, key, record)
+    if stale is None:
+        raise flavor.error(exc, request) from exc.__cause__
+    return stale
+
+
+async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
+    guard: Guard,
+    rt: UpstreamRuntime,
+    request: Any,
+    send: Callable[[Any], Awaitable[Any]],
+    *,
+    cancel_scope: bool,
+    flavor: Flavor,
+) -> Any:
+    """Run one guarded call, sending each attempt with ``send``."""
+    record, call = _start(guard, rt, request)
+    if request.method in rt.replay_methods:
+        await request.aread()  # a retry must be able to send the body again
+    original = request.extensions.get("timeout")
+    key = _stale_key(rt, request)
+    token = guarding.set(True)
+    response: Any = None
+    try:
+        action = next(call)
+        while True:
+            if type(action) is Wait:
+                await rt.clock.sleep(action.seconds)
+                action = call.send(None)
+                continue
+            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+            if response is not None:
+                await response.aclose()
+            _cap_timeouts(request, original, action.timeout_s)
+            try:
+                if cancel_scope:
+                    with anyio.fail_after(action.timeout_s):
+                        response = await send(request)
+                        body = await response.aread() if needs_body(response.status_code) else b""
+                else:
+                    response = await send(request)
+                    body = await response.aread() if needs_body(response.status_code) else b""
+            except (flavor.transport_error, TimeoutError) as exc:
+                response = None
+                result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
+            else:
+                if body:
+                    response = _rebuild(flavor, response, body)
+                result = _result(response.status_code, response.headers, body)
+            action = call.send(result)
+    except StopIteration:
+        out, keep = _delivered(flavor, rt, key, record, response)
+        if keep and key is not None:
+            await out.aread()
+            _keep(rt, key, out)
+        return out
+    except UpstreamUnavailable as exc:
+        return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
+    finally:
+        call.close()
+        guarding.reset(token)
+        guard.finish(record)
+
+
+def drive_sync(  # noqa: C901 - one I/O loop, read best whole
+    guard: Guard,
+    rt: UpstreamRuntime,
+    request: Any,
+    send: Callable[[Any], Any],
+    *,
+    flavor: Flavor,
+) -> Any:
+    """Run one guarded call in this thread, sending each attempt with ``send``."""
+    record, call = _start(guard, rt, request)
+    if request.method in rt.replay_methods:
+        request.read()
+    original = request.extensions.get("timeout")
+    key = _stale_key(rt, request)
+    token = guarding.set(True)
+    response: Any = None
+    try:
+        action = next(call)
+        while True:
+            if type(action) is Wait:
+                rt.clock.sleep_sync(action.seconds)
+                action = call.send(None)
+                continue
+            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+            if response is not None:
+                response.close()
+            _cap_timeouts(request, original, action.timeout_s)
+            try:
+                response = send(request)
+                body = response.read() if needs_body(response.status_code) else b""
+            except flavor.transport_error as exc:
+                response = None
+                result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
+            else:
+                if body:
+                    response = _rebuild(flavor, response, body)
+                result = _result(response.status_code, response.headers, body)
+            action = call.send(result)
+    except StopIteration:
+        out, keep = _delivered(flavor, rt, key, record, response)
+        if keep and key is not None:
+            out.read()
+            _keep(rt, key, out)
+        return out
+    except UpstreamUnavailable as exc:
+        return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
+    finally:
+        call.close()
+        guarding.reset(token)
+        guard.finish(record)
+
+
 def _needs_cancel_scope(inner: Any, flavor: Flavor) -> bool:
     # httpx's own transport enforces request timeouts; a mock with a plain function handler
     # cannot be interrupted anyway. Anything else gets a cancel scope (~15-25 us per attempt).
@@ -124,54 +296,14 @@ class AsyncGuardedTransport:
         rt = self._guard.match(request.url)
         if rt is None:
             return await self._inner.handle_async_request(request)
-        record, call = _start(self._guard, rt, request)
-        if request.method in rt.replay_methods:
-            await request.aread()  # a retry must be able to send the body again
-        original = request.extensions.get("timeout")
-        response: Any = None
-        try:
-            action = next(call)
-            while True:
-                if type(action) is Wait:
-                    await rt.clock.sleep(action.seconds)
-                    action = call.send(None)
-                    continue
-                assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-                if response is not None:
-                    await response.aclose()
-                response, result = await self._attempt(request, original, action.timeout_s)
-                action = call.send(result)
-        except StopIteration:
-            return response
-        except UpstreamUnavailable as exc:
-            raise self.flavor.error(exc, request) from exc.__cause__
-        finally:
-            call.close()
-            if self._guard.hooks:
-                self._guard.finish(record)
-
-    async def _attempt(
-        self, request: Any, original: Any, timeout_s: float
-    ) -> tuple[Any, AttemptResult]:
-        _cap_timeouts(request, original, timeout_s)
-        try:
-            if self._cancel_scope:
-                with anyio.fail_after(timeout_s):
-                    response = await self._inner.handle_async_request(request)
-                    body = await response.aread() if needs_body(response.status_code) else b""
-            else:
-                response = await self._inner.handle_async_request(request)
-                body = await response.aread() if needs_body(response.status_code) else b""
-        except (self.flavor.transport_error, TimeoutError) as exc:
-            return None, AttemptResult(error_kind=self.flavor.error_kind(exc), error=exc)
-        if body:
-            response = self.flavor.response(
-                response.status_code,
-                headers=response.headers,
-                content=body,
-                extensions=response.extensions,
-            )
-        return response, _result(response.status_code, response.headers, body)
+        return await drive_async(
+            self._guard,
+            rt,
+            request,
+            self._inner.handle_async_request,
+            cancel_scope=self._cancel_scope,
+            flavor=self.flavor,
+        )
 
     async def aclose(self) -> None:
         """Close the inner transport."""
@@ -202,47 +334,7 @@ class SyncGuardedTransport:
         rt = self._guard.match(request.url)
         if rt is None:
             return self._inner.handle_request(request)
-        record, call = _start(self._guard, rt, request)
-        if request.method in rt.replay_methods:
-            request.read()
-        original = request.extensions.get("timeout")
-        response: Any = None
-        try:
-            action = next(call)
-            while True:
-                if type(action) is Wait:
-                    rt.clock.sleep_sync(action.seconds)
-                    action = call.send(None)
-                    continue
-                assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-                if response is not None:
-                    response.close()
-                response, result = self._attempt(request, original, action.timeout_s)
-                action = call.send(result)
-        except StopIteration:
-            return response
-        except UpstreamUnavailable as exc:
-            raise self.flavor.error(exc, request) from exc.__cause__
-        finally:
-            call.close()
-            if self._guard.hooks:
-                self._guard.finish(record)
-
-    def _attempt(self, request: Any, original: Any, timeout_s: float) -> tuple[Any, AttemptResult]:
-        _cap_timeouts(request, original, timeout_s)
-        try:
-            response = self._inner.handle_request(request)
-            body = response.read() if needs_body(response.status_code) else b""
-        except self.flavor.transport_error as exc:
-            return None, AttemptResult(error_kind=self.flavor.error_kind(exc), error=exc)
-        if body:
-            response = self.flavor.response(
-                response.status_code,
-                headers=response.headers,
-                content=body,
-                extensions=response.extensions,
-            )
-        return response, _result(response.status_code, response.headers, body)
+        return drive_sync(self._guard, rt, request, self._inner.handle_request, flavor=self.flavor)
 
     def close(self) -> None:
         """Close the inner transport."""
@@ -258,17 +350,23 @@ class SyncGuardedTransport:
         self._inner.__exit__(*exc_info)
 
 
+_CLASSES: dict[int, tuple[type[Any], type[Any]]] = {}
+
+
 def transport_classes(flavor: Flavor) -> tuple[type[Any], type[Any]]:
     """The (async, sync) guarded transport classes for one httpx-like module."""
-    mod = flavor.module
     if flavor is HTTPX:
         return _HttpxAsync, _HttpxSync
-    namespace = {"flavor": flavor}
-    async_cls = type(
-        "AsyncGuardedTransport", (AsyncGuardedTransport, mod.AsyncBaseTransport), namespace
-    )
-    sync_cls = type("SyncGuardedTransport", (SyncGuardedTransport, mod.BaseTransport), namespace)
-    return async_cls, sync_cls
+    found = _CLASSES.get(id(flavor))
+    if found is None:
+        mod = flavor.module
+        ns = {"flavor": flavor}
+        found = (
+            type("AsyncGuardedTransport", (AsyncGuardedTransport, mod.AsyncBaseTransport), ns),
+            type("SyncGuardedTransport", (SyncGuardedTransport, mod.BaseTransport), ns),
+        )
+        _CLASSES[id(flavor)] = found
+    return found
 
 
 class _HttpxAsync(AsyncGuardedTransport, httpx.AsyncBaseTransport):

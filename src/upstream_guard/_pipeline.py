@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ._breaker import CLOSED, Breaker, StateHook
 from ._bulkhead import Bulkhead
+from ._cache import StaleCache
 from ._classify import Outcome, classify_status, parse_retry_after
 from ._clock import Clock
 from ._cooldown import CooldownGate
@@ -111,6 +112,17 @@ class UpstreamRuntime:
         self.cooldown = CooldownGate()
         self.budget = RetryBudget(
             settings.retry.budget_ratio, settings.retry.budget_min_per_s, clock.monotonic()
+        )
+        fb = settings.fallback
+        self.stale = (
+            StaleCache(
+                max_entries=fb.cache_max_entries,
+                max_bytes=fb.cache_max_bytes,
+                max_age_s=fb.stale_max_age_s,
+                clock=clock,
+            )
+            if fb.stale_if_error
+            else None
         )
         self.bulkhead = (
             Bulkhead(settings.max_concurrency) if settings.max_concurrency is not None else None

@@ -269,6 +269,9 @@ class GuardSettings(BaseSettings):
     fallback_retry_after_s: int = Field(
         5, ge=1, description="Retry-After of a 503 answer when no breaker or cooldown says more."
     )
+    server_timing: bool = Field(
+        default=True, description="Add a Server-Timing header with each upstream's time."
+    )
     redis_url: str | None = Field(None, description="Share state through Redis (none: memory).")
 
     def __init__(self, **data: Any) -> None:

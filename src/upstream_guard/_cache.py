@@ -1,0 +1,94 @@
+"""Stale-if-error: the last good copy of guarded GETs, per caller identity, bounded LRU."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._clock import Clock
+
+STALE_HEADER = "x-upstream-guard"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    """A stored 2xx answer."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stored_at: float
+
+
+def cache_key(upstream: str, url: str, header: Callable[[str], str | None]) -> str:
+    """A key for a GET: a hash of the URL and the caller's identity, never the values in clear.
+
+    The identity is the Authorization and Cookie headers, so one user's copy is never
+    served to another; tokens in the query string are inside the hashed URL too.
+    """
+    digest = hashlib.sha256()
+    for part in (upstream, url, header("authorization") or "", header("cookie") or ""):
+        digest.update(part.encode("utf-8", "surrogateescape"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def storable(status: int, cache_control: str | None) -> bool:
+    """Whether a response may be kept: a 2xx without ``no-store``."""
+    return 200 <= status < 300 and "no-store" not in (cache_control or "").lower()
+
+
+class StaleCache:
+    """Bounded by entries and bytes; entries older than ``max_age_s`` are never served."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, max_age_s: float, clock: Clock) -> None:
+        """Create an empty cache."""
+        self._entries: OrderedDict[str, CachedResponse] = OrderedDict()
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        """Entries held."""
+        return len(self._entries)
+
+    def put(self, key: str, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Keep a copy (replacing an older one); evict least recently used past the bounds."""
+        if len(body) > self._max_bytes:
+            return
+        entry = CachedResponse(status, tuple(headers), body, self._clock.monotonic())
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old.body)
+            self._entries[key] = entry
+            self.bytes += len(body)
+            while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= len(evicted.body)
+
+    def get(self, key: str) -> tuple[CachedResponse, int] | None:
+        """The copy and its age in whole seconds, if one is young enough."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            age = self._clock.monotonic() - entry.stored_at
+            if age > self._max_age_s:
+                return None
+            self._entries.move_to_end(key)
+            return entry, int(age)
+
+
+def stale_headers(entry: CachedResponse, age: int) -> list[tuple[str, str]]:
+    """The stored headers, with ``Age`` and a header naming the guard."""
+    skip = {"age", "content-length", "content-encoding", "transfer-encoding", STALE_HEADER}
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in skip]
+    headers += [("age", str(age)), (STALE_HEADER, "stale")]
+    return headers

@@ -1,0 +1,139 @@
+"""The ASGI middleware: request context, fallbacks, the health endpoint, and ``install``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ._clock import Clock
+from ._context import RequestContext, current_guard, request_context
+from ._fallback import fallback_response, find_unavailable
+from ._guard import Guard
+from ._instrument import instrument, uninstrument
+from ._settings import GuardSettings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class UpstreamGuardMiddleware:
+    """Pure ASGI middleware guarding the upstream calls an app makes while serving requests.
+
+    ``app.add_middleware(UpstreamGuardMiddleware)`` reads ``GuardSettings()`` from the
+    environment; ``install(app)`` passes its own guard. Any other ASGI app can be wrapped:
+    ``app = UpstreamGuardMiddleware(app)``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: GuardSettings | None = None,
+        *,
+        guard: Guard | None = None,
+    ) -> None:
+        """Wrap ``app``; build a Guard from ``settings`` unless one is given."""
+        self.app = app
+        self.guard = guard if guard is not None else Guard(settings)
+        self._health_path = self.guard.settings.health_path
+        self._deadline_s = self.guard.settings.request_deadline_s
+        self._server_timing = self.guard.settings.server_timing
+        instrument(self.guard)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch by scope type: http is guarded, lifespan is followed, the rest passes."""
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"] == self._health_path:
+                await self._health(scope, receive, send)
+            else:
+                await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guard = self.guard
+        deadline = None
+        if self._deadline_s is not None:
+            deadline = guard.clock.monotonic() + self._deadline_s
+        ctx = RequestContext(deadline=deadline)
+        guard_token = current_guard.set(guard)
+        ctx_token = request_context.set(ctx)
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if self._server_timing and ctx.used:
+                    message["headers"] = [*message.get("headers", ()), _server_timing(ctx)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            if started:
+                raise  # too late for another answer: let the server deal with it
+            error = find_unavailable(exc)
+            if error is None and not ctx.failed:
+                raise
+            response = await fallback_response(
+                guard, scope=dict(scope), receive=receive, exc=exc, error=error, ctx=ctx
+            )
+            await response(scope, receive, guarded_send)
+        finally:
+            request_context.reset(ctx_token)
+            current_guard.reset(guard_token)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        snapshot = self.guard.snapshot()
+        status = 503 if snapshot["status"] == "unavailable" else 200
+        response = JSONResponse(snapshot, status_code=status, headers={"cache-control": "no-store"})
+        await response(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app")
+        state = getattr(app, "state", None)
+        if state is not None and getattr(state, "upstream_guard", None) is None:
+            state.upstream_guard = self.guard
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                instrument(self.guard)
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                uninstrument(self.guard)
+            await send(message)
+
+        await self.app(scope, receive, lifespan_send)
+
+
+def _server_timing(ctx: RequestContext) -> tuple[bytes, bytes]:
+    parts = [f"{name};dur={seconds * 1000:.1f}" for name, seconds in ctx.used.items()]
+    return b"server-timing", ", ".join(parts).encode("latin-1")
+
+
+def install(
+    app: Any, settings: GuardSettings | None = None, *, clock: Clock | None = None
+) -> Guard:
+    """Guard every upstream call ``app`` makes: the one line for FastAPI and Starlette.
+
+    Adds ``UpstreamGuardMiddleware``, instruments httpx, httpx2 and requests, and keeps the
+    Guard on ``app.state.upstream_guard``. Calling it again returns the same Guard.
+    ``clock`` is for tests (``upstream_guard.testing.FakeClock``).
+    """
+    state = getattr(app, "state", None)
+    existing = getattr(state, "upstream_guard", None)
+    if isinstance(existing, Guard):
+        return existing
+    guard = Guard(settings, clock=clock)
+    app.add_middleware(UpstreamGuardMiddleware, guard=guard)
+    if state is not None:
+        state.upstream_guard = guard
+    instrument(guard)
+    return guard

@@ -1,0 +1,195 @@
+"""The requests driver (spotipy's client): the same guarded call, on a ``requests`` adapter.
+
+Imported only when requests is used: ``import upstream_guard`` never imports requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
+
+import requests
+import requests.adapters
+import requests.structures
+
+from ._cache import cache_key, stale_headers, storable
+from ._classify import needs_body
+from ._context import guarding
+from ._errors import UpstreamUnavailable
+from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call
+
+if TYPE_CHECKING:
+    from ._guard import Guard
+    from ._pipeline import UpstreamRuntime
+
+# What a failed attempt on requests looks like: network trouble, not a bad URL or argument.
+_NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
+_ERRORS: dict[type[UpstreamUnavailable], type[Exception]] = {}
+
+
+class UrlParts(NamedTuple):
+    """The parts of a URL that ``Guard.match`` reads."""
+
+    host: str
+    port: int | None
+    scheme: str
+
+
+def url_parts(url: str) -> UrlParts | None:
+    """Host, port and scheme of a URL string, or None when it cannot be parsed."""
+    try:
+        parts = urlsplit(url)
+        return UrlParts(parts.hostname or "", parts.port, parts.scheme)
+    except ValueError:
+        return None
+
+
+def requests_error(exc: UpstreamUnavailable, request: Any) -> Exception:
+    """The same error as an instance of both our class and ``requests.ConnectionError``."""
+    cls = _ERRORS.get(type(exc))
+    if cls is None:
+        cls = type(type(exc).__name__, (type(exc), requests.ConnectionError), {})
+        cls.__module__ = "upstream_guard"
+        _ERRORS[type(exc)] = cls
+    make: Any = cls
+    mapped: Any = make(
+        str(exc), upstream=exc.upstream, reason=exc.reason, retry_after_s=exc.retry_after_s
+    )
+    mapped.request = request
+    return mapped  # type: ignore[no-any-return]
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timeout"
+    if isinstance(exc, requests.ConnectionError):
+        return "connect_error"
+    return "network_error"
+
+
+def _cap_timeout(user: Any, seconds: float) -> Any:
+    if user is None:
+        return seconds
+    if isinstance(user, tuple):
+        return tuple(seconds if t is None or t > seconds else t for t in user)
+    try:
+        return min(float(user), seconds)
+    except (TypeError, ValueError):
+        return seconds
+
+
+def _stale(
+    rt: UpstreamRuntime, key: str | None, record: CallRecord, request: Any
+) -> requests.Response | None:
+    if key is None or rt.stale is None:
+        return None
+    found = rt.stale.get(key)
+    if found is None:
+        return None
+    entry, age = found
+    record.outcome = "stale"
+    response = requests.Response()
+    response.status_code = entry.status
+    response.headers = requests.structures.CaseInsensitiveDict(stale_headers(entry, age))
+    response._content = entry.body  # noqa: SLF001 - how requests builds a read response
+    response.url = request.url
+    response.request = request
+    response.reason = "OK"
+    return response
+
+
+def drive_requests(  # noqa: C901, PLR0912 - one I/O loop, read best whole
+    guard: Guard,
+    rt: UpstreamRuntime,
+    request: Any,
+    send: Callable[..., Any],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run one guarded call for a prepared request, sending each attempt with ``send``."""
+    path = urlsplit(request.url).path
+    record = CallRecord(rt.name, rt.matcher.match(path), request.method, rt.clock.monotonic())
+    replayable = request.body is None or isinstance(request.body, bytes | str)
+    call = guarded_call(
+        rt, record, retryable_body=replayable, deadline_s=guard.deadline_left(), rng=guard.rng
+    )
+    user_timeout = kwargs.get("timeout")
+    key = None
+    if rt.stale is not None and request.method == "GET":
+        key = cache_key(rt.name, request.url, request.headers.get)
+    token = guarding.set(True)
+    response: Any = None
+    try:
+        action = next(call)
+        while True:
+            if type(action) is Wait:
+                rt.clock.sleep_sync(action.seconds)
+                action = call.send(None)
+                continue
+            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+            if response is not None:
+                response.close()
+            try:
+                timeout = _cap_timeout(user_timeout, action.timeout_s)
+                response = send(request, **{**kwargs, "timeout": timeout})
+                body = response.content if needs_body(response.status_code) else b""
+            except _NETWORK_ERRORS as exc:
+                response = None
+                result = AttemptResult(error_kind=_error_kind(exc), error=exc)
+            else:
+                result = AttemptResult(
+                    status=response.status_code,
+                    retry_after=response.headers.get("retry-after"),
+                    body=body,
+                )
+            action = call.send(result)
+    except StopIteration:
+        if key is not None and rt.stale is not None:
+            status = response.status_code
+            if storable(status, response.headers.get("cache-control")):
+                rt.stale.put(key, status, list(response.headers.items()), response.content)
+            elif status >= 500 or status == 429:
+                return _stale(rt, key, record, request) or response
+        return response
+    except UpstreamUnavailable as exc:
+        stale = _stale(rt, key, record, request)
+        if stale is not None:
+            return stale
+        raise requests_error(exc, request) from exc.__cause__
+    finally:
+        call.close()
+        guarding.reset(token)
+        guard.finish(record)
+
+
+class GuardedAdapter(requests.adapters.HTTPAdapter):
+    """A requests adapter whose calls to guarded hosts go through a guard."""
+
+    def __init__(self, guard: Guard, **kwargs: Any) -> None:
+        """Mount it on a session: ``session.mount("https://", GuardedAdapter(guard))``."""
+        super().__init__(**kwargs)
+        self._guard = guard
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
+        """Send ``request``, guarded when its host belongs to an upstream."""
+        parts = url_parts(request.url or "")
+        rt = self._guard.match(parts) if parts is not None else None
+        if rt is None:
+            return super().send(request, **kwargs)
+        result: requests.Response = drive_requests(self._guard, rt, request, super().send, kwargs)
+        return result
+
+
+def guarded_session(guard: Guard) -> requests.Session:
+    """A ``requests.Session`` whose calls to guarded hosts go through ``guard``."""
+    session = requests.Session()
+    adapter = GuardedAdapter(guard)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
