@@ -1,10 +1,10 @@
-"""Per-task context: which guard applies, the inbound request's record, and re-entrancy."""
+"""Per-task context: the inbound request being served (and its guard), and re-entrancy."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -12,22 +12,69 @@ if TYPE_CHECKING:
 # Outcomes of a logical call that mean "this upstream let the request down".
 FAILED_OUTCOMES = frozenset({"failure", "refused", "throttled"})
 
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
 
-@dataclass(slots=True)
+
 class RequestContext:
-    """What one inbound request saw of its upstreams; set by the middleware."""
+    """What one inbound request saw of its upstreams; made by the middleware per request.
 
-    deadline: float | None = None
-    """Absolute deadline on the guard's clock, or None."""
-    failed: dict[str, str] = field(default_factory=dict)
-    """Upstream name -> reason, for each upstream that failed this request."""
-    used: dict[str, float] = field(default_factory=dict)
-    """Upstream name -> seconds spent calling it."""
-    stale: bool = False
-    """Whether a stale copy answered one of the calls."""
+    Kept small: it is built on every request, most of which never call an upstream.
+    """
+
+    __slots__ = (
+        "_send",
+        "deadline",
+        "failed",
+        "guard",
+        "server_timing",
+        "stale",
+        "started",
+        "used",
+    )
+
+    def __init__(
+        self, guard: Guard, deadline: float | None, send: Send, server_timing: bool
+    ) -> None:
+        """Start a request: nothing used, nothing failed, no response started."""
+        self.guard = guard
+        self.deadline = deadline
+        """Absolute deadline on the guard's clock, or None."""
+        self.failed: dict[str, str] | None = None
+        """Upstream name -> reason, for each upstream that failed this request."""
+        self.used: dict[str, float] | None = None
+        """Upstream name -> seconds spent calling it."""
+        self.stale = False
+        """Whether a stale copy answered one of the calls."""
+        self.started = False
+        """Whether the response has started (then no fallback can be sent)."""
+        self.server_timing = server_timing
+        self._send = send
+
+    def note(self, upstream: str, outcome: str, reason: str, seconds: float) -> None:
+        """Record one logical call made while serving this request."""
+        used = self.used
+        if used is None:
+            used = self.used = {}
+        used[upstream] = used.get(upstream, 0.0) + seconds
+        if outcome in FAILED_OUTCOMES:
+            if self.failed is None:
+                self.failed = {}
+            self.failed[upstream] = reason
+        elif outcome == "stale":
+            self.stale = True
+
+    async def send(self, message: Message) -> None:
+        """The app's ``send``: remembers the start, adds Server-Timing to it."""
+        if message["type"] == "http.response.start":
+            self.started = True
+            if self.server_timing and self.used:
+                parts = [f"{name};dur={s * 1000:.1f}" for name, s in self.used.items()]
+                header = (b"server-timing", ", ".join(parts).encode("latin-1"))
+                message["headers"] = [*message.get("headers", ()), header]
+        await self._send(message)
 
 
-current_guard: ContextVar[Guard | None] = ContextVar("upstream_guard_current", default=None)
 request_context: ContextVar[RequestContext | None] = ContextVar(
     "upstream_guard_request", default=None
 )

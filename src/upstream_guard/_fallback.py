@@ -84,7 +84,7 @@ async def fallback_response(
     if error is not None:
         upstream, reason = error.upstream, error.reason
     else:
-        upstream, reason = next(iter(ctx.failed.items()))
+        upstream, reason = next(iter((ctx.failed or {"unknown": "failure"}).items()))
     handler = guard.fallbacks.get(scope.get("path", ""))
     route = scope.get("route")
     if handler is None and route is not None:

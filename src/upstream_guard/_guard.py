@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
-from ._context import FAILED_OUTCOMES, request_context
+from ._context import request_context
 from ._httpx import HTTPX, Flavor, transport_classes
 from ._pipeline import CallRecord, Hook, UpstreamRuntime
 from ._settings import GuardSettings
@@ -79,11 +79,7 @@ class Guard:
         """Called by the drivers when a logical call ends, however it ends."""
         ctx = request_context.get()
         if ctx is not None:
-            ctx.used[record.upstream] = ctx.used.get(record.upstream, 0.0) + record.duration_s
-            if record.outcome in FAILED_OUTCOMES:
-                ctx.failed[record.upstream] = record.reason
-            elif record.outcome == "stale":
-                ctx.stale = True
+            ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
         for hook in self.hooks:
             hook(record)
 

@@ -14,7 +14,7 @@ import importlib
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ._context import current_guard, guarding
+from ._context import guarding, request_context
 from ._httpx import HTTPX, Flavor, drive_async, drive_sync
 
 if TYPE_CHECKING:
@@ -29,9 +29,9 @@ _SEND_ARGS = ("stream", "timeout", "verify", "cert", "proxies")  # HTTPAdapter.s
 
 def active_guard() -> Guard | None:
     """The guard for the current request, else the most recently installed one."""
-    guard = current_guard.get()
-    if guard is not None:
-        return guard
+    ctx = request_context.get()
+    if ctx is not None:
+        return ctx.guard
     return _installed[-1] if _installed else None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from ._clock import Clock
-from ._context import RequestContext, current_guard, request_context
+from ._context import RequestContext, request_context
 from ._fallback import fallback_response, find_unavailable
 from ._guard import Guard
 from ._instrument import instrument, uninstrument
@@ -62,23 +62,12 @@ class UpstreamGuardMiddleware:
         deadline = None
         if self._deadline_s is not None:
             deadline = guard.clock.monotonic() + self._deadline_s
-        ctx = RequestContext(deadline=deadline)
-        guard_token = current_guard.set(guard)
-        ctx_token = request_context.set(ctx)
-        started = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if self._server_timing and ctx.used:
-                    message["headers"] = [*message.get("headers", ()), _server_timing(ctx)]
-            await send(message)
-
+        ctx = RequestContext(guard, deadline, send, self._server_timing)
+        token = request_context.set(ctx)
         try:
-            await self.app(scope, receive, guarded_send)
+            await self.app(scope, receive, ctx.send)
         except Exception as exc:
-            if started:
+            if ctx.started:
                 raise  # too late for another answer: let the server deal with it
             error = find_unavailable(exc)
             if error is None and not ctx.failed:
@@ -86,10 +75,9 @@ class UpstreamGuardMiddleware:
             response = await fallback_response(
                 guard, scope=dict(scope), receive=receive, exc=exc, error=error, ctx=ctx
             )
-            await response(scope, receive, guarded_send)
+            await response(scope, receive, ctx.send)
         finally:
-            request_context.reset(ctx_token)
-            current_guard.reset(guard_token)
+            request_context.reset(token)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         snapshot = self.guard.snapshot()
@@ -111,11 +99,6 @@ class UpstreamGuardMiddleware:
             await send(message)
 
         await self.app(scope, receive, lifespan_send)
-
-
-def _server_timing(ctx: RequestContext) -> tuple[bytes, bytes]:
-    parts = [f"{name};dur={seconds * 1000:.1f}" for name, seconds in ctx.used.items()]
-    return b"server-timing", ", ".join(parts).encode("latin-1")
 
 
 def install(

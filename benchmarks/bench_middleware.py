@@ -1,0 +1,138 @@
+"""The middleware's added cost on a trivial route, in-process, against no middleware.
+
+Each variant is the same Starlette app (one route answering "ok"); requests are ASGI calls
+made directly (no server, no client), so the figure is the middleware's own work. Variants run
+interleaved in rounds; the ratio per variant is the median of per-round ratios to the bare app.
+Starlette's BaseHTTPMiddleware (a pass-through dispatch) is shown for scale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from typing import Any
+
+from _common import table, write
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from upstream_guard import Guard, GuardSettings, UpstreamGuardMiddleware
+from upstream_guard._instrument import uninstrument
+
+ROUNDS = 40
+CALLS = 1000
+
+
+async def ok(request: Any) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+class PassThrough(BaseHTTPMiddleware):
+    async def dispatch(self, request: Any, call_next: Any) -> Any:
+        return await call_next(request)
+
+
+class PureASGIPassThrough:
+    """The floor: a pure ASGI middleware that only forwards the call."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def make_app(middleware: list[Middleware]) -> Starlette:
+    return Starlette(routes=[Route("/", ok)], middleware=middleware)
+
+
+def make_fastapi(middleware: list[Middleware]) -> FastAPI:
+    app = FastAPI(middleware=middleware)
+
+    @app.get("/")
+    async def root() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    return app
+
+
+SCOPE = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"testserver")],
+    "client": ("127.0.0.1", 1234),
+    "server": ("testserver", 80),
+}
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def send(message: Any) -> None:
+    return None
+
+
+async def rate(app: Any) -> float:
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        await app(dict(SCOPE), receive, send)
+    return CALLS / (time.perf_counter() - start)
+
+
+async def main() -> None:
+    guard = Guard(GuardSettings())
+    guard_mw = Middleware(UpstreamGuardMiddleware, guard=guard)
+    apps = {
+        "Starlette, no middleware": make_app([]),
+        "Starlette + UpstreamGuardMiddleware": make_app([guard_mw]),
+        "Starlette + pure ASGI pass-through (floor)": make_app([Middleware(PureASGIPassThrough)]),
+        "Starlette + BaseHTTPMiddleware pass-through": make_app([Middleware(PassThrough)]),
+        "FastAPI, no middleware": make_fastapi([]),
+        "FastAPI + UpstreamGuardMiddleware": make_fastapi([guard_mw]),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    for app in apps.values():  # warm up, and build each middleware stack
+        await rate(app)
+    for _ in range(ROUNDS):
+        for name, app in apps.items():
+            samples[name].append(await rate(app))
+    uninstrument(guard)
+    rows = []
+    cost: dict[str, float] = {}
+    for name, got in samples.items():
+        bare = samples[name.split(",")[0].split(" +")[0] + ", no middleware"]
+        ratio = statistics.median(g / b for g, b in zip(got, bare, strict=True))
+        added_us = statistics.median(1e6 / g - 1e6 / b for g, b in zip(got, bare, strict=True))
+        cost[name] = (1 - ratio) * 100
+        rows.append([name, f"{statistics.median(got):,.0f}", f"{ratio:.3f}", f"{added_us:+.1f}"])
+    verdicts = [
+        [name, f"{cost[name]:.1f}%", "<= 3%", "yes" if cost[name] <= 3 else "NO"]
+        for name in ("Starlette + UpstreamGuardMiddleware", "FastAPI + UpstreamGuardMiddleware")
+    ]
+    body = (
+        f"{ROUNDS} interleaved rounds of {CALLS} in-process ASGI requests to a trivial route.\n\n"
+        + table(["variant", "requests/s (median)", "rate vs none", "added us/request"], rows)
+        + "\n\n"
+        + table(["middleware cost in requests/s", "measured", "goal", "met"], verdicts)
+    )
+    write("middleware", "Middleware cost on a trivial route", body)
+
+
+if __name__ == "__main__":
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    asyncio.run(main())
