@@ -414,3 +414,100 @@ def test_httpx2_is_guarded_beside_httpx(sim, sim_url, clock):
         with pytest.raises(httpx2.TransportError) as info:
             plain.get(f"{sim_url}/v1/me")
     assert isinstance(info.value, CircuitOpenError)
+
+
+def build_starlette_app(api_url: str) -> Starlette:
+    """The same httpx and spotipy routes, in a plain Starlette app."""
+
+    async def httpx_track(request):
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{api_url}/v1/tracks/{request.path_params['track_id']}")
+        response.raise_for_status()
+        return JSONResponse({"name": response.json()["name"]})
+
+    def spotipy_track(request):
+        spotify = spotipy.Spotify(auth="user-token", requests_session=requests.Session(), retries=0)
+        spotify.prefix = f"{api_url}/v1/"
+        return JSONResponse({"name": spotify.track(request.path_params["track_id"])["name"]})
+
+    return Starlette(
+        routes=[
+            Route("/httpx/tracks/{track_id}", httpx_track),
+            Route("/spotipy/tracks/{track_id}", spotipy_track),
+        ]
+    )
+
+
+@pytest.mark.parametrize("client_kind", ["httpx", "spotipy"])
+@pytest.mark.parametrize("where", ["testclient", "uvicorn"])
+def test_starlette_app_outage_and_recovery(sim, sim_url, clock, client_kind, where):
+    """A plain Starlette app gets the same 503 problem, then recovers."""
+    app = build_starlette_app(sim_url)
+    settings = make_settings(
+        sim_url, breaker={"fail_max": 1, "reset_timeout_s": 3}, retry={"attempts": 1}
+    )
+    guard = install(app, settings, clock=clock)
+    path = f"/{client_kind}/tracks/{TRACK}"
+    with running(app, where) as client:
+        sim.set_fault(Fault.json_5xx(502))
+        assert client.get(path).status_code == 503
+        hits = sim.total_hits
+        response = client.get(path)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        assert sim.total_hits == hits
+        sim.heal()
+        clock.advance(3)
+        assert client.get(path).status_code == 200
+    assert guard.state("spotify_api") == "closed"
+
+
+def test_request_deadline_bounds_outbound_retries(clock):
+    """request_deadline_s caps the retries an inbound request can wait for."""
+    from upstream_guard import GuardSettings
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500)
+
+    app = FastAPI()
+    seen: list[float] = []
+
+    @app.get("/slow")
+    async def slow() -> Any:
+        guard = app.state.upstream_guard
+        start = clock.monotonic()
+        async with httpx.AsyncClient(
+            transport=guard.async_transport(httpx.MockTransport(handler))
+        ) as c:
+            response = await c.get("http://api.test/v1/me")
+        seen.append(clock.monotonic() - start)
+        return response.status_code
+
+    settings = GuardSettings(
+        request_deadline_s=0.5,
+        upstreams={
+            "spotify_api": {
+                "hosts": ["api.test"],
+                "breaker": {"fail_max": 100},
+                "retry": {"attempts": 10, "backoff_base_s": 0.2, "backoff_max_s": 0.4},
+            }
+        },
+    )
+    install(app, settings, clock=clock)
+    with TestClient(app) as client:
+        assert client.get("/slow").json() == 500  # retries gave up at the deadline
+    assert seen
+    assert 0 < seen[0] <= 0.5
+
+
+def test_retry_after_header_is_whole_seconds_at_least_one(sim, sim_url, clock):
+    """A sub-second cooldown still answers Retry-After: 1."""
+    app = build_app(sim_url)
+    install(
+        app, make_settings(sim_url, retry={"attempts": 1, "max_retry_after_s": 0.1}), clock=clock
+    )
+    with running(app, "testclient") as client:
+        sim.set_fault(Fault.rate_limited("0.4"))
+        response = client.get(f"/httpx/tracks/{TRACK}")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
