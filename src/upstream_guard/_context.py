@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from ._telemetry import annotate_inbound
+
 if TYPE_CHECKING:
     from ._guard import Guard
 
@@ -24,6 +26,7 @@ class RequestContext:
 
     __slots__ = (
         "_send",
+        "answered_by",
         "deadline",
         "failed",
         "guard",
@@ -49,6 +52,8 @@ class RequestContext:
         self.started = False
         """Whether the response has started (then no fallback can be sent)."""
         self.server_timing = server_timing
+        self.answered_by = "app"
+        """Who answered: ``app``, or the guard's ``fallback``, ``unavailable`` (503 problem)."""
         self._send = send
 
     def note(self, upstream: str, outcome: str, reason: str, seconds: float) -> None:
@@ -68,10 +73,13 @@ class RequestContext:
         """The app's ``send``: remembers the start, adds Server-Timing to it."""
         if message["type"] == "http.response.start":
             self.started = True
-            if self.server_timing and self.used:
-                parts = [f"{name};dur={s * 1000:.1f}" for name, s in self.used.items()]
-                header = (b"server-timing", ", ".join(parts).encode("latin-1"))
-                message["headers"] = [*message.get("headers", ()), header]
+            if self.used:
+                # Now, not later: the inbound span may end with the response.
+                annotate_inbound(list(self.used), self.answered_by, stale=self.stale)
+                if self.server_timing:
+                    parts = [f"{name};dur={s * 1000:.1f}" for name, s in self.used.items()]
+                    header = (b"server-timing", ", ".join(parts).encode("latin-1"))
+                    message["headers"] = [*message.get("headers", ()), header]
         await self._send(message)
 
 

@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from . import _telemetry as telemetry
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
 from ._context import request_context
@@ -41,6 +42,7 @@ class Guard:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         # host -> (runtime for any port, {port: runtime})
         self._hosts: dict[str, tuple[UpstreamRuntime | None, dict[int, UpstreamRuntime]]] = {}
+        telemetry.register(self)
         for name, upstream in self.settings.upstreams.items():
             if not upstream.enabled:
                 continue
@@ -77,6 +79,8 @@ class Guard:
 
     def finish(self, record: CallRecord) -> None:
         """Called by the drivers when a logical call ends, however it ends."""
+        if record.span is not None:
+            record.span.end()
         ctx = request_context.get()
         if ctx is not None:
             ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)

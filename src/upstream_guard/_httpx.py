@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import httpx
 
+from . import _telemetry as telemetry
 from ._cache import cache_key, stale_headers, storable
 from ._classify import needs_body
 from ._context import guarding
@@ -83,14 +84,28 @@ def _cap_timeouts(request: Any, original: dict[str, float | None] | None, second
     }
 
 
-def _start(guard: Guard, rt: UpstreamRuntime, request: Any) -> tuple[CallRecord, _Call]:
-    record = CallRecord(
-        rt.name, rt.matcher.match(request.url.path), request.method, rt.clock.monotonic()
-    )
+def _start(
+    guard: Guard, rt: UpstreamRuntime, request: Any, flavor: Flavor
+) -> tuple[CallRecord, _Call]:
+    url = request.url
+    record = CallRecord(rt.name, rt.matcher.match(url.path), request.method, rt.clock.monotonic())
+    if telemetry.tracing_on():
+        own_spans = flavor is not HTTPX or not telemetry.official_instrumentation("httpx")
+        record.span = telemetry.CallSpan(record, url.host, url.port, attempt_spans=own_spans)
     call = guarded_call(
         rt, record, retryable_body=True, deadline_s=guard.deadline_left(), rng=guard.rng
     )
     return record, call
+
+
+def _attempt_span(record: CallRecord, action: Attempt, request: Any) -> Any:
+    if record.span is None:
+        return None
+    url = request.url
+    span = record.span.attempt(action.number, str(url), url.host, url.port)
+    if span is not None:
+        telemetry.inject(span, request.headers)
+    return span
 
 
 _HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
@@ -170,7 +185,7 @@ async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
     flavor: Flavor,
 ) -> Any:
     """Run one guarded call, sending each attempt with ``send``."""
-    record, call = _start(guard, rt, request)
+    record, call = _start(guard, rt, request, flavor)
     if request.method in rt.replay_methods:
         await request.aread()  # a retry must be able to send the body again
     original = request.extensions.get("timeout")
@@ -188,6 +203,7 @@ async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
             if response is not None:
                 await response.aclose()
             _cap_timeouts(request, original, action.timeout_s)
+            span = _attempt_span(record, action, request)
             try:
                 if cancel_scope:
                     with anyio.fail_after(action.timeout_s):
@@ -203,6 +219,8 @@ async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
                 if body:
                     response = _rebuild(flavor, response, body)
                 result = _result(response.status_code, response.headers, body)
+            if span is not None:
+                telemetry.CallSpan.attempt_done(span, result.status, result.error)
             action = call.send(result)
     except StopIteration:
         out, keep = _delivered(flavor, rt, key, record, response)
@@ -227,7 +245,7 @@ def drive_sync(  # noqa: C901 - one I/O loop, read best whole
     flavor: Flavor,
 ) -> Any:
     """Run one guarded call in this thread, sending each attempt with ``send``."""
-    record, call = _start(guard, rt, request)
+    record, call = _start(guard, rt, request, flavor)
     if request.method in rt.replay_methods:
         request.read()
     original = request.extensions.get("timeout")
@@ -245,6 +263,7 @@ def drive_sync(  # noqa: C901 - one I/O loop, read best whole
             if response is not None:
                 response.close()
             _cap_timeouts(request, original, action.timeout_s)
+            span = _attempt_span(record, action, request)
             try:
                 response = send(request)
                 body = response.read() if needs_body(response.status_code) else b""
@@ -255,6 +274,8 @@ def drive_sync(  # noqa: C901 - one I/O loop, read best whole
                 if body:
                     response = _rebuild(flavor, response, body)
                 result = _result(response.status_code, response.headers, body)
+            if span is not None:
+                telemetry.CallSpan.attempt_done(span, result.status, result.error)
             action = call.send(result)
     except StopIteration:
         out, keep = _delivered(flavor, rt, key, record, response)

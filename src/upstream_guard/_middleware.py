@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse
 
 from ._clock import Clock
 from ._context import RequestContext, request_context
-from ._fallback import fallback_response, find_unavailable
+from ._fallback import GUARD_HEADER, fallback_response, find_unavailable
 from ._guard import Guard
 from ._instrument import instrument, uninstrument
 from ._settings import GuardSettings
@@ -75,6 +75,7 @@ class UpstreamGuardMiddleware:
             response = await fallback_response(
                 guard, scope=dict(scope), receive=receive, exc=exc, error=error, ctx=ctx
             )
+            ctx.answered_by = response.headers.get(GUARD_HEADER, "fallback")
             await response(scope, receive, ctx.send)
         finally:
             request_context.reset(token)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 from ._breaker import CLOSED, Breaker, StateHook
 from ._bulkhead import Bulkhead
@@ -89,6 +90,8 @@ class CallRecord:
     status: int | None = None
     retries: list[RetryEvent] | None = None
     duration_s: float = 0.0
+    span: Any = None
+    """The call's telemetry (``_telemetry.CallSpan``) when an OpenTelemetry SDK is installed."""
 
 
 Hook = Callable[[CallRecord], None]

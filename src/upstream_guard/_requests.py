@@ -13,6 +13,7 @@ import requests
 import requests.adapters
 import requests.structures
 
+from . import _telemetry as telemetry
 from ._cache import cache_key, stale_headers, storable
 from ._classify import needs_body
 from ._context import guarding
@@ -103,7 +104,39 @@ def _stale(
     return response
 
 
-def drive_requests(  # noqa: C901, PLR0912 - one I/O loop, read best whole
+def _attempt(
+    record: CallRecord,
+    action: Attempt,
+    *,
+    request: Any,
+    parts: Any,
+    send: Callable[..., Any],
+    kwargs: dict[str, Any],
+) -> tuple[Any, AttemptResult]:
+    span = None
+    if record.span is not None:
+        span = record.span.attempt(action.number, request.url, parts.hostname, parts.port)
+        if span is not None:
+            telemetry.inject(span, request.headers)
+    try:
+        timeout = _cap_timeout(kwargs.get("timeout"), action.timeout_s)
+        response = send(request, **{**kwargs, "timeout": timeout})
+        body = response.content if needs_body(response.status_code) else b""
+    except _NETWORK_ERRORS as exc:
+        response = None
+        result = AttemptResult(error_kind=_error_kind(exc), error=exc)
+    else:
+        result = AttemptResult(
+            status=response.status_code,
+            retry_after=response.headers.get("retry-after"),
+            body=body,
+        )
+    if span is not None:
+        telemetry.CallSpan.attempt_done(span, result.status, result.error)
+    return response, result
+
+
+def drive_requests(  # noqa: C901 - one I/O loop, read best whole
     guard: Guard,
     rt: UpstreamRuntime,
     request: Any,
@@ -111,13 +144,17 @@ def drive_requests(  # noqa: C901, PLR0912 - one I/O loop, read best whole
     kwargs: dict[str, Any],
 ) -> Any:
     """Run one guarded call for a prepared request, sending each attempt with ``send``."""
-    path = urlsplit(request.url).path
-    record = CallRecord(rt.name, rt.matcher.match(path), request.method, rt.clock.monotonic())
+    parts = urlsplit(request.url)
+    record = CallRecord(rt.name, rt.matcher.match(parts.path), request.method, rt.clock.monotonic())
+    if telemetry.tracing_on():
+        own_spans = not telemetry.official_instrumentation("requests")
+        record.span = telemetry.CallSpan(
+            record, parts.hostname or "", parts.port, attempt_spans=own_spans
+        )
     replayable = request.body is None or isinstance(request.body, bytes | str)
     call = guarded_call(
         rt, record, retryable_body=replayable, deadline_s=guard.deadline_left(), rng=guard.rng
     )
-    user_timeout = kwargs.get("timeout")
     key = None
     if rt.stale is not None and request.method == "GET":
         key = cache_key(rt.name, request.url, request.headers.get)
@@ -133,19 +170,9 @@ def drive_requests(  # noqa: C901, PLR0912 - one I/O loop, read best whole
             assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
             if response is not None:
                 response.close()
-            try:
-                timeout = _cap_timeout(user_timeout, action.timeout_s)
-                response = send(request, **{**kwargs, "timeout": timeout})
-                body = response.content if needs_body(response.status_code) else b""
-            except _NETWORK_ERRORS as exc:
-                response = None
-                result = AttemptResult(error_kind=_error_kind(exc), error=exc)
-            else:
-                result = AttemptResult(
-                    status=response.status_code,
-                    retry_after=response.headers.get("retry-after"),
-                    body=body,
-                )
+            response, result = _attempt(
+                record, action, request=request, parts=parts, send=send, kwargs=kwargs
+            )
             action = call.send(result)
     except StopIteration:
         if key is not None and rt.stale is not None:
