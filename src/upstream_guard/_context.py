@@ -86,5 +86,17 @@ class RequestContext:
 request_context: ContextVar[RequestContext | None] = ContextVar(
     "upstream_guard_request", default=None
 )
+
+
+class _State:
+    __slots__ = ("patched",)
+
+    def __init__(self) -> None:
+        self.patched = False
+
+
+state = _State()
+"""``state.patched``: whether client libraries are instrumented (then drivers mark ``guarding``)."""
+
 # Set while a guard drives a call, so that instrumented transports underneath pass through.
 guarding: ContextVar[bool] = ContextVar("upstream_guard_guarding", default=False)

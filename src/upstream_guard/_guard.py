@@ -84,6 +84,8 @@ class Guard:
         ctx = request_context.get()
         if ctx is not None:
             ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
+        if telemetry.metrics_on():
+            telemetry.record_metrics(record)
         for hook in self.hooks:
             hook(record)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import httpx
 
+from . import _context as context
 from . import _telemetry as telemetry
 from ._cache import cache_key, stale_headers, storable
 from ._classify import needs_body
@@ -99,8 +100,6 @@ def _start(
 
 
 def _attempt_span(record: CallRecord, action: Attempt, request: Any) -> Any:
-    if record.span is None:
-        return None
     url = request.url
     span = record.span.attempt(action.number, str(url), url.host, url.port)
     if span is not None:
@@ -175,7 +174,61 @@ def _stale_or_raise(
     return stale
 
 
-async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
+async def _attempt_async(
+    record: CallRecord,
+    action: Attempt,
+    *,
+    request: Any,
+    send: Callable[[Any], Awaitable[Any]],
+    cancel_scope: bool,
+    flavor: Flavor,
+) -> tuple[Any, AttemptResult]:
+    span = _attempt_span(record, action, request) if record.span is not None else None
+    try:
+        if cancel_scope:
+            with anyio.fail_after(action.timeout_s):
+                response = await send(request)
+                body = await response.aread() if needs_body(response.status_code) else b""
+        else:
+            response = await send(request)
+            body = await response.aread() if needs_body(response.status_code) else b""
+    except (flavor.transport_error, TimeoutError) as exc:
+        response = None
+        result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
+    else:
+        if body:
+            response = _rebuild(flavor, response, body)
+        result = _result(response.status_code, response.headers, body)
+    if span is not None:
+        telemetry.CallSpan.attempt_done(span, result.status, result.error)
+    return response, result
+
+
+def _attempt_sync(
+    record: CallRecord,
+    action: Attempt,
+    *,
+    request: Any,
+    send: Callable[[Any], Any],
+    flavor: Flavor,
+) -> tuple[Any, AttemptResult]:
+    span = _attempt_span(record, action, request) if record.span is not None else None
+    try:
+        response = send(request)
+        body = response.read() if needs_body(response.status_code) else b""
+    except flavor.transport_error as exc:
+        response = None
+        result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
+    else:
+        if body:
+            response = _rebuild(flavor, response, body)
+        result = _result(response.status_code, response.headers, body)
+    if span is not None:
+        telemetry.CallSpan.attempt_done(span, result.status, result.error)
+    return response, result
+
+
+async def drive_async(
     guard: Guard,
     rt: UpstreamRuntime,
     request: Any,
@@ -190,7 +243,7 @@ async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
         await request.aread()  # a retry must be able to send the body again
     original = request.extensions.get("timeout")
     key = _stale_key(rt, request)
-    token = guarding.set(True)
+    token = guarding.set(True) if context.state.patched else None
     response: Any = None
     try:
         action = next(call)
@@ -203,24 +256,9 @@ async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
             if response is not None:
                 await response.aclose()
             _cap_timeouts(request, original, action.timeout_s)
-            span = _attempt_span(record, action, request)
-            try:
-                if cancel_scope:
-                    with anyio.fail_after(action.timeout_s):
-                        response = await send(request)
-                        body = await response.aread() if needs_body(response.status_code) else b""
-                else:
-                    response = await send(request)
-                    body = await response.aread() if needs_body(response.status_code) else b""
-            except (flavor.transport_error, TimeoutError) as exc:
-                response = None
-                result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
-            else:
-                if body:
-                    response = _rebuild(flavor, response, body)
-                result = _result(response.status_code, response.headers, body)
-            if span is not None:
-                telemetry.CallSpan.attempt_done(span, result.status, result.error)
+            response, result = await _attempt_async(
+                record, action, request=request, send=send, cancel_scope=cancel_scope, flavor=flavor
+            )
             action = call.send(result)
     except StopIteration:
         out, keep = _delivered(flavor, rt, key, record, response)
@@ -232,11 +270,12 @@ async def drive_async(  # noqa: C901, PLR0912 - one I/O loop, read best whole
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     finally:
         call.close()
-        guarding.reset(token)
+        if token is not None:
+            guarding.reset(token)
         guard.finish(record)
 
 
-def drive_sync(  # noqa: C901 - one I/O loop, read best whole
+def drive_sync(
     guard: Guard,
     rt: UpstreamRuntime,
     request: Any,
@@ -250,7 +289,7 @@ def drive_sync(  # noqa: C901 - one I/O loop, read best whole
         request.read()
     original = request.extensions.get("timeout")
     key = _stale_key(rt, request)
-    token = guarding.set(True)
+    token = guarding.set(True) if context.state.patched else None
     response: Any = None
     try:
         action = next(call)
@@ -263,19 +302,9 @@ def drive_sync(  # noqa: C901 - one I/O loop, read best whole
             if response is not None:
                 response.close()
             _cap_timeouts(request, original, action.timeout_s)
-            span = _attempt_span(record, action, request)
-            try:
-                response = send(request)
-                body = response.read() if needs_body(response.status_code) else b""
-            except flavor.transport_error as exc:
-                response = None
-                result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
-            else:
-                if body:
-                    response = _rebuild(flavor, response, body)
-                result = _result(response.status_code, response.headers, body)
-            if span is not None:
-                telemetry.CallSpan.attempt_done(span, result.status, result.error)
+            response, result = _attempt_sync(
+                record, action, request=request, send=send, flavor=flavor
+            )
             action = call.send(result)
     except StopIteration:
         out, keep = _delivered(flavor, rt, key, record, response)
@@ -287,7 +316,8 @@ def drive_sync(  # noqa: C901 - one I/O loop, read best whole
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     finally:
         call.close()
-        guarding.reset(token)
+        if token is not None:
+            guarding.reset(token)
         guard.finish(record)
 
 

@@ -14,7 +14,7 @@ import importlib
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ._context import guarding, request_context
+from ._context import guarding, request_context, state
 from ._httpx import HTTPX, Flavor, drive_async, drive_sync
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def instrument(guard: Guard) -> None:
         _installed.append(guard)
         if not _originals:
             _patch_all()
+            state.patched = True
 
 
 def uninstrument(guard: Guard) -> None:
@@ -66,6 +67,7 @@ def uninstrument(guard: Guard) -> None:
             for owner, name, original in reversed(_originals):
                 setattr(owner, name, original)
             _originals.clear()
+            state.patched = False
 
 
 def is_instrumented() -> bool:

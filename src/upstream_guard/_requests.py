@@ -13,6 +13,7 @@ import requests
 import requests.adapters
 import requests.structures
 
+from . import _context as context
 from . import _telemetry as telemetry
 from ._cache import cache_key, stale_headers, storable
 from ._classify import needs_body
@@ -136,7 +137,21 @@ def _attempt(
     return response, result
 
 
-def drive_requests(  # noqa: C901 - one I/O loop, read best whole
+def _delivered(
+    rt: UpstreamRuntime, key: str | None, record: CallRecord, request: Any, response: Any
+) -> Any:
+    """Keep a good copy, or answer a failure with a stale one, when stale-if-error is on."""
+    if key is None or rt.stale is None:
+        return response
+    status = response.status_code
+    if storable(status, response.headers.get("cache-control")):
+        rt.stale.put(key, status, list(response.headers.items()), response.content)
+    elif status >= 500 or status == 429:
+        return _stale(rt, key, record, request) or response
+    return response
+
+
+def drive_requests(
     guard: Guard,
     rt: UpstreamRuntime,
     request: Any,
@@ -158,7 +173,7 @@ def drive_requests(  # noqa: C901 - one I/O loop, read best whole
     key = None
     if rt.stale is not None and request.method == "GET":
         key = cache_key(rt.name, request.url, request.headers.get)
-    token = guarding.set(True)
+    token = guarding.set(True) if context.state.patched else None
     response: Any = None
     try:
         action = next(call)
@@ -175,13 +190,7 @@ def drive_requests(  # noqa: C901 - one I/O loop, read best whole
             )
             action = call.send(result)
     except StopIteration:
-        if key is not None and rt.stale is not None:
-            status = response.status_code
-            if storable(status, response.headers.get("cache-control")):
-                rt.stale.put(key, status, list(response.headers.items()), response.content)
-            elif status >= 500 or status == 429:
-                return _stale(rt, key, record, request) or response
-        return response
+        return _delivered(rt, key, record, request, response)
     except UpstreamUnavailable as exc:
         stale = _stale(rt, key, record, request)
         if stale is not None:
@@ -189,7 +198,8 @@ def drive_requests(  # noqa: C901 - one I/O loop, read best whole
         raise requests_error(exc, request) from exc.__cause__
     finally:
         call.close()
-        guarding.reset(token)
+        if token is not None:
+            guarding.reset(token)
         guard.finish(record)
 
 
