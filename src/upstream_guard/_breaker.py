@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import pybreaker
@@ -121,6 +122,18 @@ class Breaker:
         self._dirty = False
         self.failures_total = 0
         self.last_failure: str | None = None
+        # Shared state (Redis): what this worker must tell the others, and what they allow.
+        self.epoch = 0
+        """The shared episode (each open and each close starts one) this breaker is in."""
+        self.unsynced_failures = 0
+        self.unsynced_success = False
+        self.event: str | None = None
+        """``open`` or ``close``: a transition of ours the others have not heard of yet."""
+        self.event_epoch = 0
+        self.probe_allowance = settings.half_open_max_calls
+        """Probes this worker may have in flight (shared mode: the leases it holds)."""
+        self.probe_demand = False
+        self._adopting = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
             reset_timeout=settings.reset_timeout_s,
@@ -163,7 +176,8 @@ class Breaker:
                 self._cb.half_open()
             if self.current == CLOSED:  # closed by a probe that just finished
                 return Permit(self._generation, False, now)
-            if self._probes >= self.settings.half_open_max_calls:
+            if self._probes >= self.probe_allowance:
+                self.probe_demand = True
                 return None
             self._probes += 1
             return Permit(self._generation, True, now)
@@ -199,6 +213,7 @@ class Breaker:
             # The hot path: a success that changes nothing in pybreaker. The window is a
             # statistic; a count lost to a thread race here cannot open or close anything.
             self._window.add(now, failed=False)
+            self.unsynced_success = True
             return
         with self._lock:
             if permit.probe and permit.generation == self._generation:
@@ -207,10 +222,13 @@ class Breaker:
                 return  # a late result: the state moved on while it was in flight
             if failed:
                 self.failures_total += 1
+                self.unsynced_failures += 1
+                self.unsynced_success = False
                 self.last_failure = reason or "slow_call"
                 self._record_failure(now)
             else:
                 self._window.add(now, failed=False)
+                self.unsynced_success = True
                 if self.current == HALF_OPEN or self._dirty:
                     self._replay(_succeed)
                     self._dirty = False
@@ -253,5 +271,77 @@ class Breaker:
             self._opened_at = self._clock.monotonic()
         elif new == CLOSED:
             self._window.clear()
+        if not self._adopting and new != HALF_OPEN:
+            self.event = "open" if new == OPEN else "close"
+            self.event_epoch = self.epoch
         for hook in self._hooks:
             hook(self.name, old, new)
+
+    # -- shared state ----------------------------------------------------------------------
+
+    def take_report(self) -> BreakerReport:
+        """What happened here since the last report; the counters start again from zero."""
+        with self._lock:
+            report = BreakerReport(
+                failures=self.unsynced_failures,
+                success=self.unsynced_success,
+                event=self.event,
+                event_epoch=self.event_epoch if self.event else self.epoch,
+                state=self.current,
+                open_age_s=max(0.0, self._clock.monotonic() - self._opened_at),
+                want_probes=min(
+                    self.settings.half_open_max_calls,
+                    self._probes + (1 if self.probe_demand else 0),
+                ),
+            )
+            self.unsynced_failures = 0
+            self.unsynced_success = False
+            self.event = None
+            self.probe_demand = False
+            return report
+
+    def give_back(self, report: BreakerReport) -> None:
+        """A report that could not be delivered: keep it for the next try (nothing is lost)."""
+        with self._lock:
+            self.unsynced_failures += report.failures
+            self.unsynced_success = self.unsynced_success or report.success
+            if self.event is None and report.event is not None:
+                self.event, self.event_epoch = report.event, report.event_epoch
+
+    def adopt(self, state: str, epoch: int, open_age_s: float, allowance: int) -> None:
+        """Take the shared view: a newer episode wins; an open breaker never opens earlier.
+
+        Redis has no half-open state: it is open until the reset timeout, and a local
+        half-open breaker stays half-open while the shared episode is the same one.
+        """
+        with self._lock:
+            self.probe_allowance = allowance
+            if epoch < self.epoch or self.event is not None:
+                return  # our news is not out yet: the next report carries it
+            opened_at = self._clock.monotonic() - open_age_s
+            self._adopting = True
+            try:
+                if state == OPEN and epoch > self.epoch:  # a trip, or a failed probe elsewhere
+                    if self.current != OPEN:
+                        self._cb.open()
+                    self._opened_at = max(self._opened_at, opened_at)
+                elif state == OPEN and self.current == OPEN:
+                    self._opened_at = max(self._opened_at, opened_at)
+                elif state == CLOSED and epoch > self.epoch and self.current != CLOSED:
+                    self._cb.close()
+            finally:
+                self._adopting = False
+            self.epoch = epoch
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerReport:
+    """One breaker's news for the other workers."""
+
+    failures: int
+    success: bool
+    event: str | None
+    event_epoch: int
+    state: str
+    open_age_s: float
+    want_probes: int

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from . import _telemetry as telemetry
 from ._breaker import CLOSED, HALF_OPEN, OPEN
@@ -13,6 +13,9 @@ from ._context import request_context
 from ._httpx import HTTPX, Flavor, transport_classes
 from ._pipeline import CallRecord, Hook, UpstreamRuntime
 from ._settings import GuardSettings
+
+if TYPE_CHECKING:
+    from ._redis import SharedState
 
 F = TypeVar("F", bound=Callable[..., Any])
 _STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
@@ -42,6 +45,16 @@ class Guard:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         # host -> (runtime for any port, {port: runtime})
         self._hosts: dict[str, tuple[UpstreamRuntime | None, dict[int, UpstreamRuntime]]] = {}
+        self.shared: SharedState | None = None
+        if self.settings.redis_url:
+            from ._redis import SharedState  # noqa: PLC0415 - redis is optional
+
+            self.shared = SharedState(
+                self,
+                self.settings.redis_url,
+                prefix=self.settings.redis_prefix,
+                interval_s=self.settings.redis_sync_interval_s,
+            )
         telemetry.register(self)
         for name, upstream in self.settings.upstreams.items():
             if not upstream.enabled:
@@ -150,11 +163,39 @@ class Guard:
             }
         states = {u["state"] for u in upstreams.values()}
         status = "ok"
+        shared = "off" if self.shared is None else self.shared.status
         if OPEN in states:
             status = "unavailable"
-        elif HALF_OPEN in states or any(u["cooldown_s"] > 0 for u in upstreams.values()):
+        elif (
+            HALF_OPEN in states
+            or any(u["cooldown_s"] > 0 for u in upstreams.values())
+            or shared == "degraded"
+        ):
             status = "degraded"
-        return {"status": status, "upstreams": upstreams}
+        return {"status": status, "shared_state": shared, "upstreams": upstreams}
+
+    def start(self) -> None:
+        """Start background work: syncing shared state with Redis when ``redis_url`` is set.
+
+        The middleware calls it on lifespan startup; standalone users call it (or use the
+        guard as a context manager: ``with Guard(settings) as guard: ...``).
+        """
+        if self.shared is not None:
+            self.shared.start()
+
+    def close(self) -> None:
+        """Stop background work (a last sync first, so no news is lost)."""
+        if self.shared is not None:
+            self.shared.stop()
+
+    def __enter__(self) -> Self:
+        """Start background work."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop background work."""
+        self.close()
 
     def _runtime(self, upstream: str) -> UpstreamRuntime:
         try:

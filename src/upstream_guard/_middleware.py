@@ -95,8 +95,10 @@ class UpstreamGuardMiddleware:
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 instrument(self.guard)
+                self.guard.start()
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 uninstrument(self.guard)
+                self.guard.close()
             await send(message)
 
         await self.app(scope, receive, lifespan_send)

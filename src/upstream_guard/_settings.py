@@ -273,6 +273,12 @@ class GuardSettings(BaseSettings):
         default=True, description="Add a Server-Timing header with each upstream's time."
     )
     redis_url: str | None = Field(None, description="Share state through Redis (none: memory).")
+    redis_prefix: str = Field(
+        "upstream_guard", min_length=1, description="Prefix of every Redis key the guard writes."
+    )
+    redis_sync_interval_s: float = Field(
+        0.2, gt=0, le=10, description="How often state is synced with Redis (one round trip)."
+    )
 
     def __init__(self, **data: Any) -> None:
         """Build from keyword arguments over the environment; raise SettingsError if invalid."""

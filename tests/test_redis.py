@@ -1,0 +1,259 @@
+"""Shared state through a real redis-server: guards in one process and in several processes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import make_settings
+from redis_server import RedisServer
+from upstream_guard import CircuitOpenError, Guard, GuardSettings, RateLimitedError
+from upstream_guard.testing import FakeClock, Fault
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A clean database on the shared server."""
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+def shared_settings(url: str, redis_url: str, **groups) -> GuardSettings:
+    base = make_settings(url, **groups)
+    return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})
+
+
+def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """Poll a condition that a background thread or another process makes true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)  # sleep-ok: waiting on a real background thread or process
+    return check()
+
+
+def get(guard: Guard, url: str) -> httpx.Response:
+    with httpx.Client(transport=guard.sync_transport()) as client:
+        return client.get(url)
+
+
+def test_a_trip_in_one_guard_refuses_in_another(sim, sim_url, redis_url):
+    """After one worker trips, another refuses without touching the upstream."""
+    settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 2}, retry={"attempts": 1})
+    a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
+    assert a.shared is not None
+    assert b.shared is not None
+    sim.set_fault(Fault.no_healthy_upstream())
+    for _ in range(2):
+        get(a, f"{sim_url}/v1/me")
+    assert a.state("spotify_api") == "open"
+    a.shared.sync_now()
+    b.shared.sync_now()
+    assert b.state("spotify_api") == "open"
+    hits = sim.total_hits
+    with pytest.raises(CircuitOpenError):
+        get(b, f"{sim_url}/v1/me")
+    assert sim.total_hits == hits
+
+
+def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, redis_url):
+    """Failures spread over workers trip the shared breaker, though none tripped alone."""
+    settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 4}, retry={"attempts": 1})
+    guards = [Guard(settings, clock=FakeClock()) for _ in range(4)]
+    sim.set_fault(Fault.json_5xx(502))
+    for guard in guards:
+        get(guard, f"{sim_url}/v1/me")
+        assert guard.state("spotify_api") == "closed"
+    for guard in guards:  # the fourth report trips the shared breaker
+        assert guard.shared is not None
+        guard.shared.sync_now()
+    for guard in guards:  # and the next sync tells everyone
+        guard.shared.sync_now()  # type: ignore[union-attr]
+    assert all(g.state("spotify_api") == "open" for g in guards)
+    stats = redis_client_stats(redis_url)
+    assert stats["failures_total"] == "4"
+    assert stats["trips"] == "1"
+
+
+def redis_client_stats(redis_url: str) -> dict[str, str]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return client.hgetall("upstream_guard:breaker:spotify_api")
+    finally:
+        client.close()
+
+
+def test_a_429_in_one_guard_pauses_the_others(sim, sim_url, redis_url):
+    """A long Retry-After seen by one worker makes the others refuse at once."""
+    settings = shared_settings(sim_url, redis_url, retry={"max_retry_after_s": 0.5})
+    a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
+    sim.set_fault(Fault.rate_limited(30))
+    assert get(a, f"{sim_url}/v1/me").status_code == 429
+    a.shared.sync_now()  # type: ignore[union-attr]
+    b.shared.sync_now()  # type: ignore[union-attr]
+    hits = sim.total_hits
+    with pytest.raises(RateLimitedError) as info:
+        get(b, f"{sim_url}/v1/me")
+    assert info.value.retry_after_s == pytest.approx(30, abs=1)
+    assert sim.total_hits == hits
+    assert b.state("spotify_api") == "closed"
+
+
+def test_half_open_probes_are_bounded_across_guards(sim, sim_url, redis_url):
+    """After the reset timeout, the guards together hold at most half_open_max_calls leases."""
+    settings = shared_settings(
+        sim_url,
+        redis_url,
+        breaker={"fail_max": 1, "reset_timeout_s": 0.3, "half_open_max_calls": 1},
+        retry={"attempts": 1},
+    )
+    guards = [Guard(settings) for _ in range(3)]  # real clocks: Redis keeps real time
+    sim.set_fault(Fault.no_healthy_upstream())
+    get(guards[0], f"{sim_url}/v1/me")
+    for guard in guards:
+        guard.shared.sync_now()  # type: ignore[union-attr]
+        assert guard.upstreams["spotify_api"].breakers["spotify_api"].current == "open"
+    sim.heal()
+    time.sleep(0.35)  # sleep-ok: Redis judges the reset timeout by its own real clock
+    for guard in guards:  # each asks for a probe and is told to wait for a lease
+        with pytest.raises(CircuitOpenError):
+            get(guard, f"{sim_url}/v1/me")
+    for guard in guards:
+        guard.shared.sync_now()  # type: ignore[union-attr]
+    allowances = [
+        g.upstreams["spotify_api"].breakers["spotify_api"].probe_allowance for g in guards
+    ]
+    assert sum(allowances) == 1
+    holder = guards[allowances.index(1)]
+    assert get(holder, f"{sim_url}/v1/me").status_code == 200
+    assert sim.total_hits == 1
+    holder.shared.sync_now()  # type: ignore[union-attr]
+    for guard in guards:
+        guard.shared.sync_now()  # type: ignore[union-attr]
+    assert all(g.state("spotify_api") == "closed" for g in guards)
+
+
+def test_redis_down_serves_locally_then_resumes(sim, sim_url, caplog):
+    """Redis killed: calls go on, health says degraded, one warning; restarted: news arrives."""
+    server = RedisServer()
+    server.start()
+    try:
+        settings = shared_settings(
+            sim_url, server.url, breaker={"fail_max": 100}, retry={"attempts": 1}
+        )
+        guard = Guard(settings, clock=FakeClock())
+        shared = guard.shared
+        assert shared is not None
+        shared.sync_now()
+        assert guard.snapshot()["shared_state"] == "ok"
+        server.kill()
+        sim.set_fault(Fault.json_5xx(500))
+        with caplog.at_level(logging.WARNING, logger="upstream_guard"):
+            for _ in range(3):
+                assert get(guard, f"{sim_url}/v1/me").status_code == 500
+                started = time.monotonic()
+                shared.sync_now()
+                assert time.monotonic() - started < 2
+        snapshot = guard.snapshot()
+        assert snapshot["shared_state"] == "degraded"
+        assert snapshot["status"] == "degraded"
+        warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(warnings) == 1
+        server.start()
+        shared.sync_now()
+        assert guard.snapshot()["shared_state"] == "ok"
+        stats = server.client().hgetall("upstream_guard:breaker:spotify_api")
+        assert stats["failures_total"] == "3"  # kept while Redis was away, delivered after
+    finally:
+        server.kill()
+
+
+def test_background_thread_shares_a_trip_within_a_second(sim, sim_url, redis_url):
+    """With the sync threads running, a trip reaches another guard within one second."""
+    settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 1}, retry={"attempts": 1})
+    with Guard(settings) as a, Guard(settings) as b:
+        sim.set_fault(Fault.no_healthy_upstream())
+        get(a, f"{sim_url}/v1/me")
+        tripped = time.monotonic()
+        assert eventually(lambda: b.state("spotify_api") == "open", timeout=1.0)
+        assert time.monotonic() - tripped < 1.0
+
+
+def _stress_worker(
+    redis_url: str, fail_max: int, calls: int, out: multiprocessing.Queue, start: Any
+) -> None:
+    import anyio
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, text="no healthy upstream")
+
+    settings = GuardSettings(
+        redis_url=redis_url,
+        redis_sync_interval_s=0.02,
+        upstreams={
+            "spotify_api": {
+                "hosts": ["api.test"],
+                "breaker": {"fail_max": fail_max, "minimum_calls": 100_000},
+                "retry": {"attempts": 1},
+            }
+        },
+    )
+    guard = Guard(settings)
+    guard.start()
+    start.wait(timeout=60)  # all four processes fail at the same time
+
+    async def main() -> None:
+        transport = guard.async_transport(httpx.MockTransport(handler))
+        async with httpx.AsyncClient(transport=transport) as client:
+
+            async def one() -> None:
+                with contextlib.suppress(CircuitOpenError):
+                    await client.get("http://api.test/v1/me")
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(calls):
+                    tg.start_soon(one)
+
+    anyio.run(main)
+    guard.close()
+    out.put(guard.upstreams["spotify_api"].breakers["spotify_api"].failures_total)
+
+
+def test_stress_four_processes_lose_nothing_and_trip_once(redis_url):
+    """4 processes x 200 concurrent failing calls: the shared count is exact; one trip."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start = ctx.Barrier(4)
+    workers = [
+        ctx.Process(target=_stress_worker, args=(redis_url, 100, 200, out, start)) for _ in range(4)
+    ]
+    for w in workers:
+        w.start()
+    recorded = [out.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+        assert w.exitcode == 0
+    stats = redis_client_stats(redis_url)
+    assert int(stats["failures_total"]) == sum(recorded)
+    assert sum(recorded) >= 100  # at least one worker failed all the way to fail_max
+    assert stats["trips"] == "1"
