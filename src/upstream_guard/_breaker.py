@@ -132,7 +132,7 @@ class Breaker:
         self.event_epoch = 0
         self.probe_allowance = settings.half_open_max_calls
         """Probes this worker may have in flight (shared mode: the leases it holds)."""
-        self.probe_demand = False
+        self._demand_until = 0.0
         self._adopting = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
@@ -177,7 +177,8 @@ class Breaker:
             if self.current == CLOSED:  # closed by a probe that just finished
                 return Permit(self._generation, False, now)
             if self._probes >= self.probe_allowance:
-                self.probe_demand = True
+                # Remembered a while: the lease this asks for arrives with a later sync.
+                self._demand_until = now + 1.0
                 return None
             self._probes += 1
             return Permit(self._generation, True, now)
@@ -291,13 +292,12 @@ class Breaker:
                 open_age_s=max(0.0, self._clock.monotonic() - self._opened_at),
                 want_probes=min(
                     self.settings.half_open_max_calls,
-                    self._probes + (1 if self.probe_demand else 0),
+                    self._probes + (1 if self._clock.monotonic() < self._demand_until else 0),
                 ),
             )
             self.unsynced_failures = 0
             self.unsynced_success = False
             self.event = None
-            self.probe_demand = False
             return report
 
     def give_back(self, report: BreakerReport) -> None:

@@ -223,7 +223,8 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
                     f"{breaker.name} breaker is {breaker.state}; not calling it",
                     upstream=rt.name,
                     reason="circuit_open",
-                    retry_after_s=breaker.retry_after_s(),
+                    # Half-open with every probe slot taken: worth asking again soon.
+                    retry_after_s=breaker.retry_after_s() or 1.0,
                 )
             record.attempts += 1
             try:

@@ -1,0 +1,184 @@
+"""Several uvicorn worker processes of one app share breakers and cooldowns through Redis."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from redis_server import RedisServer, free_port
+from upstream_guard.testing import Fault, SpotifySimulator
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+class Workers:
+    """`uvicorn --workers N` running tests/apps/worker_app.py."""
+
+    def __init__(self, n: int, sim_url: str, redis_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        hostport = sim_url.split("://", 1)[1]
+        env = {
+            **os.environ,
+            "SIM_URL": sim_url,
+            "UPSTREAM_GUARD_REDIS_URL": redis_url,
+            "UPSTREAM_GUARD_REDIS_SYNC_INTERVAL_S": "0.1",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__HOSTS": json.dumps([hostport]),
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__FAIL_MAX": "3",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__MINIMUM_CALLS": "1000",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__RESET_TIMEOUT_S": "3",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__HALF_OPEN_MAX_CALLS": "1",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__ATTEMPTS": "1",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__MAX_RETRY_AFTER_S": "0.5",
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "worker_app:app",
+                "--app-dir",
+                str(HERE / "apps"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(n),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+        )
+        self.n = n
+        self.client = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))
+
+    def get(self) -> httpx.Response:
+        # A new connection each time, so the kernel spreads requests over the workers.
+        return self.client.get(f"{self.url}/t", headers={"connection": "close"})
+
+    def get_safe(self) -> httpx.Response | None:
+        try:
+            return self.get()
+        except httpx.TransportError:
+            return None
+
+    def wait_ready(self) -> set[str]:
+        """Wait until every worker has answered once; return their pids."""
+        pids: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(pids) < self.n and time.monotonic() < deadline:
+            try:
+                pids.add(self.get().headers["x-pid"])
+            except httpx.TransportError:
+                time.sleep(0.05)  # sleep-ok: waiting for real worker processes to start
+        assert len(pids) == self.n, f"only {len(pids)} of {self.n} workers answered"
+        return pids
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(timeout=15)
+
+
+def wait_until_one_left(futures: list, timeout: float) -> set:
+    """Wait until all futures but (at most) one are done; return those not done."""
+    pending = set(futures)
+    deadline = time.monotonic() + timeout
+    while len(pending) > 1 and time.monotonic() < deadline:
+        _, pending = concurrent.futures.wait(pending, timeout=0.1, return_when="FIRST_COMPLETED")
+    return pending
+
+
+def refused(response: httpx.Response, reason: str) -> bool:
+    return response.status_code == 503 and f"({reason})" in response.json().get("detail", "")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
+    """One worker's trip, 429 and half-open probe limit hold for all workers within a second."""
+    client = redis_server.client()
+    client.flushall()
+    sim = SpotifySimulator()
+    from upstream_guard.testing import serve
+
+    with serve(sim) as sim_url:
+        workers = Workers(n, sim_url, redis_server.url)
+        try:
+            workers.wait_ready()
+            # 1. A trip: fail until some worker refuses; within a second all workers refuse
+            #    without touching the upstream.
+            sim.set_fault(Fault.no_healthy_upstream())
+            for _ in range(60):
+                if refused(workers.get(), "circuit_open"):
+                    break
+            tripped = time.monotonic()
+            time.sleep(
+                max(0.0, tripped + 1.0 - time.monotonic())
+            )  # sleep-ok: the one second workers have to agree
+            hits = sim.total_hits
+            answers = [workers.get() for _ in range(8 * n)]
+            assert all(refused(a, "circuit_open") for a in answers), [
+                (a.status_code, a.headers.get("x-pid"), a.json().get("detail"))
+                for a in answers
+                if not refused(a, "circuit_open")
+            ]
+            assert len({a.headers["x-pid"] for a in answers}) >= 2
+            assert sim.total_hits == hits
+            assert int(client.hget("upstream_guard:breaker:spotify_api", "trips")) == 1
+
+            # 2. After the reset timeout, all workers together send at most one probe.
+            sim.heal()
+            sim.set_fault(Fault.held())
+            time.sleep(
+                max(0.0, tripped + 3.2 - time.monotonic())
+            )  # sleep-ok: the reset timeout runs on real clocks (Redis TIME)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+                first = [pool.submit(workers.get_safe) for _ in range(24)]
+                time.sleep(0.5)  # sleep-ok: give every worker a sync with the lease holder
+                second = [pool.submit(workers.get_safe) for _ in range(24)]
+                # Every request but the held probe answers (uvicorn --workers answers in ~50 ms
+                # here, so give them time).
+                held = wait_until_one_left(first + second, timeout=20)
+                assert sim.total_hits <= 1  # heal() zeroed the count; the probe is held
+                assert len(held) <= 1
+                sim.release()
+                batch = [f.result() for f in first + second]
+            assert sim.total_hits == 1
+            assert [r.status_code for r in batch if r is not None].count(200) == 1
+
+            # 3. A 429 with a long Retry-After seen by one worker pauses all of them.
+            sim.heal()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and workers.get().status_code != 200:
+                time.sleep(0.1)  # sleep-ok: workers adopt the close at their next sync
+            sim.set_fault(Fault.rate_limited(30))
+            first = workers.get()
+            assert first.status_code == 503
+            time.sleep(1.0)  # sleep-ok: the one second workers have to agree
+            hits = sim.total_hits
+            answers = [workers.get() for _ in range(8 * n)]
+            assert all(refused(a, "cooldown") for a in answers)
+            assert len({a.headers["x-pid"] for a in answers}) >= 2
+            assert sim.total_hits == hits
+        finally:
+            workers.stop()
+            client.close()
