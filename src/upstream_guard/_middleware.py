@@ -1,4 +1,4 @@
-"""The ASGI middleware: request context, fallbacks, the health endpoint, and ``install``."""
+"""The ASGI middleware: request context, fallbacks, health and dashboard, and ``install``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse
 
 from ._clock import Clock
 from ._context import RequestContext, request_context
+from ._dashboard import Dashboard
 from ._fallback import GUARD_HEADER, fallback_response, find_unavailable
 from ._guard import Guard
 from ._instrument import instrument, uninstrument
@@ -42,6 +43,8 @@ class UpstreamGuardMiddleware:
         self._health_path = self.guard.settings.health_path
         self._deadline_s = self.guard.settings.request_deadline_s
         self._server_timing = self.guard.settings.server_timing
+        # None unless dashboard_path is set: then it also keeps recent calls (a guard hook).
+        self._dashboard = Dashboard(self.guard) if self.guard.settings.dashboard_path else None
         instrument(self.guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -50,6 +53,8 @@ class UpstreamGuardMiddleware:
         if kind == "http":
             if scope["path"] == self._health_path:
                 await self._health(scope, receive, send)
+            elif self._dashboard is not None and scope["path"] in self._dashboard.paths:
+                await self._dashboard(scope, receive, send)
             else:
                 await self._http(scope, receive, send)
         elif kind == "lifespan":

@@ -9,6 +9,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -279,6 +280,19 @@ class GuardSettings(BaseSettings):
     redis_sync_interval_s: float = Field(
         0.2, gt=0, le=10, description="How often state is synced with Redis (one round trip)."
     )
+    dashboard_path: str | None = Field(
+        None,
+        description="Serve a live dashboard page at this path, its JSON at `{path}/data` "
+        "(none: off).",
+    )
+    dashboard_allow_anonymous: bool = Field(
+        default=False, description="Serve the dashboard without a token (it is refused otherwise)."
+    )
+    dashboard_token: SecretStr | None = Field(
+        None,
+        description="Token the dashboard requires: `Authorization: Bearer <token>` or "
+        "`?token=<token>`.",
+    )
 
     def __init__(self, **data: Any) -> None:
         """Build from keyword arguments over the environment; raise SettingsError if invalid."""
@@ -313,6 +327,35 @@ class GuardSettings(BaseSettings):
         if not value.startswith("/") or len(value) < 2:
             raise ValueError("health_path must be an absolute path like /_upstream_guard/health")
         return value.rstrip("/")
+
+    @field_validator("dashboard_path")
+    @classmethod
+    def _dashboard_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or len(value.rstrip("/")) < 2:
+            raise ValueError(
+                "dashboard_path must be an absolute path like /_upstream_guard/dashboard"
+            )
+        value = value.rstrip("/")
+        health = info.data.get("health_path")
+        if health is not None and health in (value, f"{value}/data"):
+            raise ValueError(f"dashboard_path must not overlap health_path ({health})")
+        return value
+
+    @field_validator("dashboard_token")
+    @classmethod
+    def _dashboard_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("dashboard_token must not be empty")
+        path = info.data.get("dashboard_path")
+        if value is None and path is not None and not info.data.get("dashboard_allow_anonymous"):
+            raise ValueError(
+                f"dashboard_path is set ({path}) but dashboard_token is not: set a token, or "
+                f"set dashboard_allow_anonymous ({ENV_PREFIX}DASHBOARD_ALLOW_ANONYMOUS=true) "
+                "to serve the dashboard to anyone who can reach it"
+            )
+        return value
 
     @model_validator(mode="after")
     def _hosts_unique(self) -> Self:
