@@ -511,3 +511,25 @@ def test_retry_after_header_is_whole_seconds_at_least_one(sim, sim_url, clock):
         response = client.get(f"/httpx/tracks/{TRACK}")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
+
+
+def test_request_no_store_gets_no_stale_copy(clock):
+    """A caller sending Cache-Control: no-store neither stores nor receives a stale copy."""
+    from upstream_guard import Guard
+
+    responses = iter([httpx.Response(200, json={"v": 1}), httpx.Response(503), httpx.Response(503)])
+    guard = Guard(
+        make_settings("http://api.test", retry={"attempts": 1}, fallback={"stale_if_error": True}),
+        clock=clock,
+    )
+    client = httpx.Client(
+        transport=guard.sync_transport(httpx.MockTransport(lambda r: next(responses)))
+    )
+    assert client.get("http://api.test/v1/me/player").status_code == 200
+    assert (
+        client.get(
+            "http://api.test/v1/me/player", headers={"cache-control": "no-store"}
+        ).status_code
+        == 503
+    )
+    assert client.get("http://api.test/v1/me/player").headers["x-upstream-guard"] == "stale"

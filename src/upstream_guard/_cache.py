@@ -36,6 +36,11 @@ def cache_key(upstream: str, url: str, header: Callable[[str], str | None]) -> s
     return digest.hexdigest()
 
 
+def wants_no_copy(request_cache_control: str | None) -> bool:
+    """Whether the caller asked for no stored copy (``no-store``) in its request."""
+    return "no-store" in (request_cache_control or "").lower()
+
+
 def storable(status: int, cache_control: str | None) -> bool:
     """Whether a response may be kept: a 2xx without ``no-store``."""
     return 200 <= status < 300 and "no-store" not in (cache_control or "").lower()

@@ -19,7 +19,7 @@ import httpx
 
 from . import _context as context
 from . import _telemetry as telemetry
-from ._cache import cache_key, stale_headers, storable
+from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
 from ._context import guarding
 from ._errors import UpstreamUnavailable
@@ -124,6 +124,8 @@ def _rebuild(flavor: Flavor, response: Any, body: bytes) -> Any:
 
 def _stale_key(rt: UpstreamRuntime, request: Any) -> str | None:
     if rt.stale is None or request.method != "GET":
+        return None
+    if wants_no_copy(request.headers.get("cache-control")):
         return None
     return cache_key(rt.name, str(request.url), request.headers.get)
 

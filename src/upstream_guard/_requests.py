@@ -15,7 +15,7 @@ import requests.structures
 
 from . import _context as context
 from . import _telemetry as telemetry
-from ._cache import cache_key, stale_headers, storable
+from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
 from ._context import guarding
 from ._errors import UpstreamUnavailable
@@ -171,7 +171,11 @@ def drive_requests(
         rt, record, retryable_body=replayable, deadline_s=guard.deadline_left(), rng=guard.rng
     )
     key = None
-    if rt.stale is not None and request.method == "GET":
+    if (
+        rt.stale is not None
+        and request.method == "GET"
+        and not wants_no_copy(request.headers.get("cache-control"))
+    ):
         key = cache_key(rt.name, request.url, request.headers.get)
     token = guarding.set(True) if context.state.patched else None
     response: Any = None
