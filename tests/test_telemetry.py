@@ -10,40 +10,29 @@ import httpx
 import pytest
 import requests
 from fastapi import FastAPI
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.testclient import TestClient
 
 from conftest import make_settings
+from otel_sdk import install_sdk
 from upstream_guard import CircuitOpenError, Guard, install
 from upstream_guard._telemetry import redact_url
 from upstream_guard.testing import Fault
 
 SECRET = "S3CR3T-t0ken"  # noqa: S105 - the secret that must never leak
 TRACK = "3n3Ppam7vgaVa1iaRUc9Lp"
-_EXPORTER = InMemorySpanExporter()
-_READER = InMemoryMetricReader()
-_installed = False
 
 
 @pytest.fixture
 def otel() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
-    """The SDK installed once for the process (OpenTelemetry allows one global provider)."""
-    global _installed  # noqa: PLW0603 - the global providers can be set only once
-    if not _installed:
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-        metrics.set_meter_provider(MeterProvider(metric_readers=[_READER]))
-        _installed = True
-    _EXPORTER.clear()
-    yield _EXPORTER, _READER
-    _EXPORTER.clear()
+    """The SDK, installed once for the process, with no spans recorded yet."""
+    exporter, reader = install_sdk()
+    yield exporter, reader
+    exporter.clear()
 
 
 def by_kind(spans: tuple[ReadableSpan, ...], kind: SpanKind) -> list[ReadableSpan]:
