@@ -44,7 +44,7 @@ class Workers:
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__HOSTS": json.dumps([hostport]),
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__FAIL_MAX": "3",
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__MINIMUM_CALLS": "1000",
-            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__RESET_TIMEOUT_S": "3",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__RESET_TIMEOUT_S": "4",
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__HALF_OPEN_MAX_CALLS": "1",
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__ATTEMPTS": "1",
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__MAX_RETRY_AFTER_S": "0.5",
@@ -131,11 +131,12 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
                 if refused(workers.get(), "circuit_open"):
                     break
             tripped = time.monotonic()
-            time.sleep(
-                max(0.0, tripped + 1.0 - time.monotonic())
-            )  # sleep-ok: the one second workers have to agree
+            agree_by = tripped + 1.0
+            time.sleep(max(0.0, agree_by - time.monotonic()))  # sleep-ok: workers get 1 s to agree
             hits = sim.total_hits
-            answers = [workers.get() for _ in range(8 * n)]
+            answers = []
+            while len(answers) < 8 * n and time.monotonic() < tripped + 3.0:  # before the reset
+                answers.append(workers.get())
             assert all(refused(a, "circuit_open") for a in answers), [
                 (a.status_code, a.headers.get("x-pid"), a.json().get("detail"))
                 for a in answers
@@ -148,9 +149,8 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             # 2. After the reset timeout, all workers together send at most one probe.
             sim.heal()
             sim.set_fault(Fault.held())
-            time.sleep(
-                max(0.0, tripped + 3.2 - time.monotonic())
-            )  # sleep-ok: the reset timeout runs on real clocks (Redis TIME)
+            probe_from = tripped + 4.2
+            time.sleep(max(0.0, probe_from - time.monotonic()))  # sleep-ok: real reset timeout
             with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
                 first = [pool.submit(workers.get_safe) for _ in range(24)]
                 time.sleep(0.5)  # sleep-ok: give every worker a sync with the lease holder
