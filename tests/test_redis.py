@@ -6,24 +6,15 @@ import contextlib
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from conftest import make_settings
-from redis_server import RedisServer
 from upstream_guard import CircuitOpenError, Guard, GuardSettings, RateLimitedError
-from upstream_guard.testing import FakeClock, Fault
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
+from upstream_guard.testing import FakeClock, Fault, RedisServer
 
 
 @pytest.fixture

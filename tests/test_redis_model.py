@@ -7,11 +7,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from redis_server import RedisServer
 from upstream_guard import Guard, GuardSettings
 from upstream_guard._breaker import OPEN
 from upstream_guard._classify import Outcome
-from upstream_guard.testing import FakeClock
+from upstream_guard.testing import FakeClock, RedisServer
 
 SERVER = RedisServer()
 KEY = "upstream_guard:breaker:spotify_api"

@@ -8,25 +8,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from redis_server import RedisServer, free_port
-from upstream_guard.testing import Fault, SpotifySimulator
+from upstream_guard.testing import Fault, SpotifySimulator, free_port
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
 
 
 class Workers:

@@ -23,7 +23,7 @@ from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
 from ._context import guarding
 from ._errors import UpstreamUnavailable
-from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call
+from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call, run_in_thread
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -292,30 +292,21 @@ def drive_sync(
     original = request.extensions.get("timeout")
     key = _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
-    response: Any = None
+
+    def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
+        _cap_timeouts(request, original, action.timeout_s)
+        return _attempt_sync(record, action, request=request, send=send, flavor=flavor)
+
     try:
-        action = next(call)
-        while True:
-            if type(action) is Wait:
-                rt.clock.sleep_sync(action.seconds)
-                action = call.send(None)
-                continue
-            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-            if response is not None:
-                response.close()
-            _cap_timeouts(request, original, action.timeout_s)
-            response, result = _attempt_sync(
-                record, action, request=request, send=send, flavor=flavor
-            )
-            action = call.send(result)
-    except StopIteration:
+        response = run_in_thread(call, rt.clock, attempt)
+    except UpstreamUnavailable as exc:
+        return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
+    else:
         out, keep = _delivered(flavor, rt, key, record, response)
         if keep and key is not None:
             out.read()
             _keep(rt, key, out)
         return out
-    except UpstreamUnavailable as exc:
-        return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     finally:
         call.close()
         if token is not None:

@@ -304,6 +304,33 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
             rt.bulkhead.release()
 
 
+def run_in_thread(
+    call: Generator[Attempt | Wait, AttemptResult | None, None],
+    clock: Clock,
+    attempt: Callable[[Attempt], tuple[Any, AttemptResult]],
+) -> Any:
+    """Execute a call's decisions in this thread: the sync loop of httpx and requests.
+
+    ``attempt`` sends once; returns the response to hand back, or raises the call's
+    ``UpstreamUnavailable``. Responses that a retry replaces are closed.
+    """
+    response: Any = None
+    action = next(call)
+    while True:
+        if type(action) is Wait:
+            clock.sleep_sync(action.seconds)
+            action = call.send(None)
+            continue
+        assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+        if response is not None:
+            response.close()
+        response, result = attempt(action)
+        try:
+            action = call.send(result)
+        except StopIteration:
+            return response
+
+
 __all__ = [
     "Attempt",
     "AttemptResult",
@@ -313,4 +340,5 @@ __all__ = [
     "UpstreamUnavailable",
     "Wait",
     "guarded_call",
+    "run_in_thread",
 ]

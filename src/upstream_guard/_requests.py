@@ -19,7 +19,7 @@ from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
 from ._context import guarding
 from ._errors import UpstreamUnavailable
-from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call
+from ._pipeline import Attempt, AttemptResult, CallRecord, guarded_call, run_in_thread
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -178,22 +178,12 @@ def drive_requests(
     ):
         key = cache_key(rt.name, request.url, request.headers.get)
     token = guarding.set(True) if context.state.patched else None
-    response: Any = None
+
+    def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
+        return _attempt(record, action, request=request, parts=parts, send=send, kwargs=kwargs)
+
     try:
-        action = next(call)
-        while True:
-            if type(action) is Wait:
-                rt.clock.sleep_sync(action.seconds)
-                action = call.send(None)
-                continue
-            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-            if response is not None:
-                response.close()
-            response, result = _attempt(
-                record, action, request=request, parts=parts, send=send, kwargs=kwargs
-            )
-            action = call.send(result)
-    except StopIteration:
+        response = run_in_thread(call, rt.clock, attempt)
         return _delivered(rt, key, record, request, response)
     except UpstreamUnavailable as exc:
         stale = _stale(rt, key, record, request)

