@@ -120,5 +120,5 @@ def test_hosts_accept_host_port_and_ipv6():
 
 def test_a_host_cannot_belong_to_two_upstreams():
     """Two upstreams claiming one host would make guarding ambiguous."""
-    with pytest.raises(SettingsError, match="belongs to both"):
+    with pytest.raises(SettingsError, match=r"is also in upstreams\.spotify_api\.hosts"):
         GuardSettings(upstreams={"other": {"hosts": ["api.spotify.com"]}})

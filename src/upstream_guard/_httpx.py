@@ -140,12 +140,15 @@ def _stale_response(
         return None
     entry, age = found
     record.outcome = "stale"
-    return flavor.response(entry.status, headers=stale_headers(entry, age), content=entry.body)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stale_headers(entry, age)]
+    return flavor.response(entry.status, headers=headers, content=entry.body)
 
 
 def _keep(rt: UpstreamRuntime, key: str, response: Any) -> None:
     assert rt.stale is not None  # noqa: S101 - only called with a cache
-    rt.stale.put(key, response.status_code, list(response.headers.multi_items()), response.content)
+    # Raw bytes, kept as latin-1 text: any header byte survives the round trip.
+    raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+    rt.stale.put(key, response.status_code, raw, response.content)
 
 
 def _delivered(

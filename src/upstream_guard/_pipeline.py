@@ -229,12 +229,17 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
             record.attempts += 1
             try:
                 left = deadline - permit.started
-                result = yield Attempt(record.attempts, min(rt.attempt_s, left))
+                result = yield Attempt(record.attempts, min(left, rt.attempt_s))
                 assert result is not None  # noqa: S101 - the drivers always send a result
-                outcome, reason = classify_result(result)
+                status = result.status
+                if status is not None and status < 400:  # the common case, inline
+                    outcome, reason = Outcome.SUCCESS, "ok"
+                else:
+                    outcome, reason = classify_result(result)
                 breaker.record(permit, outcome, reason)
             finally:
-                breaker.release(permit)  # no-op once recorded; frees a cancelled probe slot
+                if not permit.done:  # cancelled: free a probe slot, record nothing
+                    breaker.release(permit)
             record.status = last_status = result.status
             record.outcome, record.reason = outcome, reason
             retry_after = None
@@ -315,20 +320,21 @@ def run_in_thread(
     ``UpstreamUnavailable``. Responses that a retry replaces are closed.
     """
     response: Any = None
-    action = next(call)
-    while True:
-        if type(action) is Wait:
-            clock.sleep_sync(action.seconds)
-            action = call.send(None)
-            continue
-        assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-        if response is not None:
-            response.close()
-        response, result = attempt(action)
-        try:
+    try:
+        action = next(call)
+        while True:
+            if type(action) is Wait:
+                clock.sleep_sync(action.seconds)
+                # The call may end here too (its own failures opened the breaker meanwhile).
+                action = call.send(None)
+                continue
+            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+            if response is not None:
+                response.close()
+            response, result = attempt(action)
             action = call.send(result)
-        except StopIteration:
-            return response
+    except StopIteration:
+        return response
 
 
 __all__ = [

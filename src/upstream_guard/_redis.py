@@ -181,12 +181,17 @@ class SharedState:
 
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        client = redis.asyncio.from_url(
-            self._url,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            retry_on_timeout=False,
-        )
+        try:
+            client = redis.asyncio.from_url(
+                self._url,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+                retry_on_timeout=False,
+            )
+        except ValueError as exc:  # settings validate the URL; this is the last safety net
+            self.status = "degraded"
+            log.warning("upstream_guard: unusable redis_url (%s); local state only", exc)
+            return
         script = client.register_script(SYNC_SCRIPT)
         try:
             while True:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 from contextvars import ContextVar
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -16,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvSettingsError
 
 ENV_PREFIX = "UPSTREAM_GUARD_"
 SPOTIFY_TEMPLATES = "@spotify"
@@ -181,8 +185,11 @@ def _parse_host(entry: str) -> str:
         raise ValueError(f"hosts entries are 'host' or 'host:port', not {entry!r}")
     if text.startswith("["):  # IPv6 literal: [::1] or [::1]:8000
         end = text.find("]")
-        rest = text[end + 1 :] if end > 0 else "x"
-        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+        rest = text[end + 1 :] if end > 1 else "x"
+        port = rest[1:]
+        if end < 0 or (
+            rest and not (rest.startswith(":") and port.isdigit() and 0 < int(port) < 65536)
+        ):
             raise ValueError(f"hosts entries are 'host' or 'host:port', not {entry!r}")
         return text
     host, sep, port = text.rpartition(":")
@@ -228,6 +235,26 @@ class UpstreamSettings(_Group):
             if template != SPOTIFY_TEMPLATES and not template.startswith("/"):
                 raise ValueError(f"templates start with '/' (or are '@spotify'), not {template!r}")
         return value
+
+
+_JSON_FIELDS = ("HOSTS", "TEMPLATES", "METHODS", "STATUSES", "UPSTREAMS")
+
+
+def _undecodable_env(exc: Exception) -> str:
+    """Name the variables whose list value is not JSON (pydantic-settings does not say)."""
+    lines = []
+    for name, value in os.environ.items():
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or not upper.endswith(_JSON_FIELDS):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = '["api.spotify.com", "127.0.0.1:8000"]'
+            lines.append(f"{upper}: must be JSON, e.g. {example}; got {value!r}")
+    if not lines:
+        lines.append(f"{exc} (lists and mappings in variables are written as JSON)")
+    return "invalid upstream_guard settings:\n  " + "\n  ".join(lines)
 
 
 def default_upstreams() -> dict[str, dict[str, Any]]:
@@ -301,6 +328,8 @@ class GuardSettings(BaseSettings):
             super().__init__(**data)
         except ValidationError as exc:
             raise SettingsError(_format_errors(exc, ())) from None
+        except EnvSettingsError as exc:  # a list or dict variable that is not JSON
+            raise SettingsError(_undecodable_env(exc)) from None
         finally:
             _NESTED.reset(token)
 
@@ -357,12 +386,33 @@ class GuardSettings(BaseSettings):
             )
         return value
 
-    @model_validator(mode="after")
-    def _hosts_unique(self) -> Self:
+    @field_validator("upstreams")
+    @classmethod
+    def _hosts_unique(cls, value: dict[str, UpstreamSettings]) -> dict[str, UpstreamSettings]:
         owner: dict[str, str] = {}
-        for name, upstream in self.upstreams.items():
+        for name, upstream in value.items():
             for host in upstream.hosts:
                 if host in owner and owner[host] != name:
-                    raise ValueError(f"host {host!r} belongs to both {owner[host]} and {name}")
+                    other = ENV_PREFIX + f"UPSTREAMS__{name.upper()}__HOSTS"
+                    raise ValueError(
+                        f"upstreams.{name}.hosts: host {host!r} is also in "
+                        f"upstreams.{owner[host]}.hosts; give it to one of them ({other})"
+                    )
                 owner[host] = name
-        return self
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError as exc:
+            raise ValueError(f"redis_url is not a URL: {exc}") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("redis_url needs a host, as in redis://localhost:6379/0")
+        return value
