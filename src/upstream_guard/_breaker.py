@@ -234,6 +234,17 @@ class Breaker:
                     self._replay(_succeed)
                     self._dirty = False
 
+    def late_failure(self, reason: str) -> None:
+        """A call recorded as a success failed afterwards (its body broke): count it."""
+        with self._lock:
+            if self.current != CLOSED:
+                return  # open already, or a probe's verdict: nothing to add
+            self.failures_total += 1
+            self.unsynced_failures += 1
+            self.unsynced_success = False
+            self.last_failure = reason
+            self._record_failure(self._clock.monotonic())
+
     def _record_failure(self, now: float) -> None:
         if self.current == CLOSED:
             self._window.add(now, failed=True)

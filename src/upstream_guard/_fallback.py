@@ -48,7 +48,8 @@ def retry_after_header(guard: Guard, upstream: str, error: UpstreamUnavailable |
         wait = guard.retry_after_s(upstream)
     if not wait:
         wait = guard.settings.fallback_retry_after_s
-    return str(max(1, math.ceil(wait)))
+    # Whole seconds, rounded up, but not for float dust (30.000000000000114 is 30).
+    return str(max(1, math.ceil(wait - 1e-6)))
 
 
 def problem_response(

@@ -19,9 +19,10 @@ import httpx
 
 from . import _context as context
 from . import _telemetry as telemetry
+from ._body import AsyncBody, SyncBody
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
-from ._context import guarding
+from ._context import guarding, request_context
 from ._errors import UpstreamUnavailable
 from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call, run_in_thread
 
@@ -45,6 +46,8 @@ class Flavor:
         self.async_http_transport: type[Any] = module.AsyncHTTPTransport
         self.sync_http_transport: type[Any] = module.HTTPTransport
         self._errors: dict[type[UpstreamUnavailable], type[Exception]] = {}
+        self.async_body: type[Any] = type("AsyncBody", (AsyncBody, module.AsyncByteStream), {})
+        self.sync_body: type[Any] = type("SyncBody", (SyncBody, module.SyncByteStream), {})
 
     def error(self, exc: UpstreamUnavailable, request: Any) -> Exception:
         """The same error as an instance of both our class and this module's TransportError."""
@@ -149,6 +152,26 @@ def _keep(rt: UpstreamRuntime, key: str, response: Any) -> None:
     # Raw bytes, kept as latin-1 text: any header byte survives the round trip.
     raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
     rt.stale.put(key, response.status_code, raw, response.content)
+
+
+def _watch_body(
+    flavor: Flavor,
+    rt: UpstreamRuntime,
+    record: CallRecord,
+    request: Any,
+    response: Any,
+    *,
+    sync: bool,
+) -> None:
+    """While serving a request (the caller checks), a body not read yet counts its failures.
+
+    Outside a request (a standalone transport), a broken body raises httpx's own read error
+    (a ``TransportError`` too) and the stream is left as it is: no cost on that path.
+    """
+    status = response.status_code
+    if status < 500 and status != 429:
+        wrapper = flavor.sync_body if sync else flavor.async_body
+        response.stream = wrapper(response.stream, rt, record, request, flavor)
 
 
 def _delivered(
@@ -266,9 +289,16 @@ async def drive_async(
             )
             action = call.send(result)
     except StopIteration:
+        if request_context.get() is not None:
+            _watch_body(flavor, rt, record, request, response, sync=False)
         out, keep = _delivered(flavor, rt, key, record, response)
         if keep and key is not None:
-            await out.aread()
+            try:
+                await out.aread()
+            except UpstreamUnavailable as exc:  # the body broke: a stale copy may still do
+                return _stale_or_raise(
+                    flavor, rt=rt, key=key, record=record, exc=exc, request=request
+                )
             _keep(rt, key, out)
         return out
     except UpstreamUnavailable as exc:
@@ -305,9 +335,16 @@ def drive_sync(
     except UpstreamUnavailable as exc:
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     else:
+        if request_context.get() is not None:
+            _watch_body(flavor, rt, record, request, response, sync=True)
         out, keep = _delivered(flavor, rt, key, record, response)
         if keep and key is not None:
-            out.read()
+            try:
+                out.read()
+            except UpstreamUnavailable as exc:  # the body broke: a stale copy may still do
+                return _stale_or_raise(
+                    flavor, rt=rt, key=key, record=record, exc=exc, request=request
+                )
             _keep(rt, key, out)
         return out
     finally:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import requests
 import requests.adapters
 import requests.structures
+import urllib3.exceptions
 
 from . import _context as context
 from . import _telemetry as telemetry
@@ -105,10 +106,36 @@ def _stale(
     return response
 
 
+def _read_by(response: Any, deadline: float, clock: Any) -> bytes:
+    """The whole body, as ``response.content`` would read it, but not past ``deadline``.
+
+    urllib3's ``read1`` returns what has arrived, so a dripping body is checked against the
+    deadline as it comes, not once it is whole.
+    """
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # urllib3 1.x: no partial reads
+        return bytes(response.content)
+    chunks = []
+    try:
+        while chunk := read1(64 * 1024, decode_content=True):
+            chunks.append(chunk)
+            if clock.monotonic() > deadline:
+                response.close()
+                raise requests.Timeout("the body outlasted timeout.total_s")
+    except urllib3.exceptions.HTTPError as exc:  # what requests would wrap in iter_content
+        raise requests.ConnectionError(exc) from exc
+    body = b"".join(chunks)
+    response._content = body  # noqa: SLF001 - what response.content caches, read by our rules
+    response._content_consumed = True  # noqa: SLF001
+    return body
+
+
 def _attempt(
     record: CallRecord,
     action: Attempt,
     *,
+    deadline: float,
+    clock: Any,
     request: Any,
     parts: Any,
     send: Callable[..., Any],
@@ -122,7 +149,12 @@ def _attempt(
     try:
         timeout = _cap_timeout(kwargs.get("timeout"), action.timeout_s)
         response = send(request, **{**kwargs, "timeout": timeout})
-        body = response.content if needs_body(response.status_code) else b""
+        if not kwargs.get("stream"):
+            # The session reads the whole body right after this anyway: read it here, so a
+            # body that breaks (or drips past the deadline) is this attempt's failure.
+            body = _read_by(response, deadline, clock)
+        else:
+            body = response.content if needs_body(response.status_code) else b""
     except _NETWORK_ERRORS as exc:
         response = None
         result = AttemptResult(error_kind=_error_kind(exc), error=exc)
@@ -180,7 +212,16 @@ def drive_requests(
     token = guarding.set(True) if context.state.patched else None
 
     def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
-        return _attempt(record, action, request=request, parts=parts, send=send, kwargs=kwargs)
+        return _attempt(
+            record,
+            action,
+            deadline=record.started + rt.total_s,
+            clock=rt.clock,
+            request=request,
+            parts=parts,
+            send=send,
+            kwargs=kwargs,
+        )
 
     try:
         response = run_in_thread(call, rt.clock, attempt)
