@@ -272,23 +272,18 @@ async def drive_async(
     original = request.extensions.get("timeout")
     key = _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
-    response: Any = None
+
+    async def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
+        _cap_timeouts(request, original, action.timeout_s)
+        return await _attempt_async(
+            record, action, request=request, send=send, cancel_scope=cancel_scope, flavor=flavor
+        )
+
     try:
-        action = next(call)
-        while True:
-            if type(action) is Wait:
-                await rt.clock.sleep(action.seconds)
-                action = call.send(None)
-                continue
-            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-            if response is not None:
-                await response.aclose()
-            _cap_timeouts(request, original, action.timeout_s)
-            response, result = await _attempt_async(
-                record, action, request=request, send=send, cancel_scope=cancel_scope, flavor=flavor
-            )
-            action = call.send(result)
-    except StopIteration:
+        response = await _run_in_task(call, rt.clock, attempt)
+    except UpstreamUnavailable as exc:
+        return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
+    else:
         if request_context.get() is not None:
             _watch_body(flavor, rt, record, request, response, sync=False)
         out, keep = _delivered(flavor, rt, key, record, response)
@@ -301,13 +296,32 @@ async def drive_async(
                 )
             _keep(rt, key, out)
         return out
-    except UpstreamUnavailable as exc:
-        return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     finally:
         call.close()
         if token is not None:
             guarding.reset(token)
         guard.finish(record)
+
+
+async def _run_in_task(
+    call: _Call, clock: Any, attempt: Callable[[Attempt], Awaitable[tuple[Any, AttemptResult]]]
+) -> Any:
+    """``run_in_thread``'s twin for async code: waits and attempts are awaited."""
+    response: Any = None
+    try:
+        action = next(call)
+        while True:
+            if type(action) is Wait:
+                await clock.sleep(action.seconds)
+                action = call.send(None)
+                continue
+            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+            if response is not None:
+                await response.aclose()
+            response, result = await attempt(action)
+            action = call.send(result)
+    except StopIteration:
+        return response
 
 
 def drive_sync(
