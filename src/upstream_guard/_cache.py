@@ -23,6 +23,17 @@ class CachedResponse:
     stored_at: float
 
 
+# What an entry costs beyond its strings: the objects that hold them (measured, CPython 3.11).
+_ENTRY_OVERHEAD = 400
+_HEADER_OVERHEAD = 170
+
+
+def _size(key: str, entry: CachedResponse) -> int:
+    """An entry's memory, approximately: body, key and headers, with their objects."""
+    headers = sum(len(k) + len(v) + _HEADER_OVERHEAD for k, v in entry.headers)
+    return len(entry.body) + len(key) + headers + _ENTRY_OVERHEAD
+
+
 def cache_key(upstream: str, url: str, header: Callable[[str], str | None]) -> str:
     """A key for a GET: a hash of the URL and the caller's identity, never the values in clear.
 
@@ -58,6 +69,7 @@ class StaleCache:
         self._clock = clock
         self._lock = threading.Lock()
         self.bytes = 0
+        """Approximate memory held: bodies, keys and headers with their objects."""
 
     def __len__(self) -> int:
         """Entries held."""
@@ -65,18 +77,19 @@ class StaleCache:
 
     def put(self, key: str, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """Keep a copy (replacing an older one); evict least recently used past the bounds."""
-        if len(body) > self._max_bytes:
-            return
         entry = CachedResponse(status, tuple(headers), body, self._clock.monotonic())
+        size = _size(key, entry)
+        if size > self._max_bytes:
+            return
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self.bytes -= len(old.body)
+                self.bytes -= _size(key, old)
             self._entries[key] = entry
-            self.bytes += len(body)
+            self.bytes += size
             while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.bytes -= len(evicted.body)
+                evicted_key, evicted = self._entries.popitem(last=False)
+                self.bytes -= _size(evicted_key, evicted)
 
     def get(self, key: str) -> tuple[CachedResponse, int] | None:
         """The copy and its age in whole seconds, if one is young enough."""

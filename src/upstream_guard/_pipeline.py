@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from ._breaker import CLOSED, Breaker, StateHook
+from ._breaker import CLOSED, HALF_OPEN, OPEN, Breaker, StateHook
 from ._bulkhead import Bulkhead
 from ._cache import StaleCache
 from ._classify import Outcome, classify_status, parse_retry_after
@@ -216,15 +216,17 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
             if permit is None:
                 if last_status is not None:  # opened by this call's own failures
                     return  # hand back the last response
+                wait = breaker.retry_after_s()
+                state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
                 if not record.attempts:
                     record.outcome, record.reason = "refused", "circuit_open"
-                    record.breaker_state = breaker.state
+                    record.breaker_state = state
                 raise CircuitOpenError(
-                    f"{breaker.name} breaker is {breaker.state}; not calling it",
+                    f"{breaker.name} breaker is {state}; not calling it",
                     upstream=rt.name,
                     reason="circuit_open",
                     # Half-open with every probe slot taken: worth asking again soon.
-                    retry_after_s=breaker.retry_after_s() or 1.0,
+                    retry_after_s=wait or 1.0,
                 )
             record.attempts += 1
             try:
