@@ -22,8 +22,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy --strict src
 
+# All benchmarks, about 8 minutes on two cores; each writes benchmarks/results/<name>.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_middleware.py
+	$(BIN)/python benchmarks/bench_telemetry.py
+	$(BIN)/python benchmarks/bench_alternatives.py
+	$(BIN)/python benchmarks/bench_amplification.py
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_outage_drill.py
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

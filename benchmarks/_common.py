@@ -43,8 +43,14 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 def write(name: str, title: str, body: str) -> Path:
     """Print and save a result file with the machine description."""
     RESULTS.mkdir(exist_ok=True)
+    load = (
+        f" (1-min load average when written, this run included: {os.getloadavg()[0]:.2f})"
+        if hasattr(os, "getloadavg")
+        else ""
+    )
     text = (
-        f"# {title}\n\nMeasured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on: {machine()}\n\n{body}\n"
+        f"# {title}\n\nMeasured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on: {machine()}{load}"
+        f"\n\n{body}\n"
     )
     path = RESULTS / f"{name}.md"
     path.write_text(text)
