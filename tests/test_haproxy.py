@@ -13,9 +13,7 @@ import contextlib
 import csv
 import io
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from starlette.testclient import TestClient
 
 from conftest import make_settings
 from upstream_guard import install
-from upstream_guard.testing import FakeClock, SpotifySimulator, free_port
+from upstream_guard.testing import FakeClock, SpotifySimulator, free_port, serve
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 pytestmark = pytest.mark.skipif(
@@ -39,29 +37,6 @@ pytestmark = pytest.mark.skipif(
 TRACK = "3n3Ppam7vgaVa1iaRUc9Lp"
 RESET_S = 15
 HAPROXY_503 = "No server is available to handle this request."
-
-
-@contextlib.contextmanager
-def serve_on(app: Any, port: int) -> Iterator[str]:
-    """Like ``testing.serve``, but on a given loopback port, so a restart reuses the port."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(128)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if isinstance(app, SpotifySimulator):
-            app.release()
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
@@ -186,7 +161,7 @@ def test_haproxy_own_503_trips_the_guard_and_a_restarted_backend_recovers(haprox
 
     with contextlib.ExitStack() as backends, TestClient(app, raise_server_exceptions=False) as c:
         for port in ports:
-            backends.enter_context(serve_on(SpotifySimulator(), port))
+            backends.enter_context(serve(SpotifySimulator(), port=port, lifespan="off"))
         wait_until(lambda: proxy.server_states() == {"s1": "UP", "s2": "UP"}, "both backends UP")
         assert c.get(path).status_code == 200
         assert guard.state("spotify_api") == "closed"
@@ -215,7 +190,7 @@ def test_haproxy_own_503_trips_the_guard_and_a_restarted_backend_recovers(haprox
         assert len(upstream_bodies) == calls
 
         revived = SpotifySimulator()
-        with serve_on(revived, ports[0]):
+        with serve(revived, port=ports[0], lifespan="off"):
             wait_until(
                 lambda: proxy.server_states().get("s1") == "UP",
                 "HAProxy's health check to mark the restarted backend UP",

@@ -63,17 +63,18 @@ class FakeClock:
 
 
 @contextmanager
-def serve(app: Any, *, host: str = "127.0.0.1", **config: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free port of ``host``; yield its base URL.
+def serve(app: Any, *, host: str = "127.0.0.1", port: int = 0, **config: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on ``port`` of ``host`` (0: a free one); yield its base URL.
 
     The socket listens before the server thread starts, so clients can connect at once
-    (the kernel queues them) and nothing has to wait for the server to come up.
+    (the kernel queues them) and nothing has to wait for the server to come up. A given
+    port lets a test stop a server and start another in its place.
     """
     import uvicorn  # noqa: PLC0415 - a test-time dependency only
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     sock.listen(512)
     port = sock.getsockname()[1]
     options: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 2}
