@@ -6,6 +6,8 @@ import os
 import platform
 import statistics
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,3 +58,26 @@ def write(name: str, title: str, body: str) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+async def per_call(fn: Callable[[], Awaitable[object]], n: int) -> float:
+    """Mean seconds per call of ``n`` awaited calls of ``fn``."""
+    start = time.perf_counter()
+    for _ in range(n):
+        await fn()
+    return (time.perf_counter() - start) / n
+
+
+async def interleaved(
+    variants: dict[str, Callable[[], Awaitable[float]]], rounds: int
+) -> dict[str, list[float]]:
+    """Warm every variant up once, then run them in turn, ``rounds`` times: drift on the
+    machine hits them all alike. Each variant returns one sample (seconds per call).
+    """
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for run in variants.values():
+        await run()
+    for _ in range(rounds):
+        for name, run in variants.items():
+            samples[name].append(await run())
+    return samples

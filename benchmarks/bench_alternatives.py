@@ -31,13 +31,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 import pybreaker
 import stamina
-from _common import table, write
+from _common import interleaved, per_call, table, write
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
@@ -69,21 +68,8 @@ def check(response: httpx.Response) -> httpx.Response:
     return response
 
 
-async def per_call(fn: Callable[[], Awaitable[object]], n: int = CALLS) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        await fn()
-    return (time.perf_counter() - start) / n
-
-
 async def measure(variants: dict[str, Variant]) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for run in variants.values():  # warm up
-        await run()
-    for _ in range(ROUNDS):
-        for name, run in variants.items():
-            samples[name].append(await run())
-    return samples
+    return await interleaved(variants, ROUNDS)
 
 
 # -- the SDK variants, in a child process ------------------------------------------------
@@ -116,10 +102,10 @@ async def sdk_child() -> dict[str, list[float]]:
     HTTPXClientInstrumentor().instrument_client(official)
     samples = await measure(
         {
-            "bare (SDK process)": lambda: per_call(lambda: bare.get(URL)),
-            "guard, OpenTelemetry SDK recording": lambda: per_call(lambda: guarded.get(URL)),
+            "bare (SDK process)": lambda: per_call(lambda: bare.get(URL), CALLS),
+            "guard, OpenTelemetry SDK recording": lambda: per_call(lambda: guarded.get(URL), CALLS),
             "OpenTelemetry httpx instrumentation alone (SDK on)": lambda: per_call(
-                lambda: official.get(URL)
+                lambda: official.get(URL), CALLS
             ),
         }
     )
@@ -204,11 +190,11 @@ async def main() -> None:
                 await mock.handle_async_request(guarded_request)
 
     calls: dict[str, Variant] = {
-        "bare httpx AsyncClient": lambda: per_call(lambda: bare.get(URL)),
-        "guard (no OpenTelemetry SDK)": lambda: per_call(lambda: guarded.get(URL)),
-        "pybreaker + tenacity, hand-wired": lambda: per_call(pybreaker_tenacity),
-        "pybreaker + stamina, hand-wired": lambda: per_call(pybreaker_stamina),
-        "purgatory (breaker only)": lambda: per_call(purgatory_call),
+        "bare httpx AsyncClient": lambda: per_call(lambda: bare.get(URL), CALLS),
+        "guard (no OpenTelemetry SDK)": lambda: per_call(lambda: guarded.get(URL), CALLS),
+        "pybreaker + tenacity, hand-wired": lambda: per_call(pybreaker_tenacity, CALLS),
+        "pybreaker + stamina, hand-wired": lambda: per_call(pybreaker_stamina, CALLS),
+        "purgatory (breaker only)": lambda: per_call(purgatory_call, CALLS),
     }
     transport: dict[str, Variant] = {
         "inner transport alone, other host": lambda: per_call(

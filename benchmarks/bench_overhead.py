@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-from _common import table, write
+from _common import interleaved, per_call, table, write
 
 from upstream_guard import CircuitOpenError, Guard, GuardSettings
 
@@ -39,13 +39,6 @@ CALLS = 200
 
 def handler(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=b'{"id": "3n3Ppam7vgaVa1iaRUc9Lp"}')
-
-
-async def per_call(fn: Callable[[], Awaitable[object]], n: int = CALLS) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        await fn()
-    return (time.perf_counter() - start) / n
 
 
 def per_call_sync(fn: Callable[[], object], n: int = CALLS) -> float:
@@ -76,8 +69,8 @@ async def main() -> None:
             await open_transport.handle_async_request(refused_request)
 
     variants: dict[str, Callable[[], Awaitable[float]]] = {
-        "async bare": lambda: per_call(lambda: bare.get(URL)),
-        "async guarded": lambda: per_call(lambda: guarded.get(URL)),
+        "async bare": lambda: per_call(lambda: bare.get(URL), CALLS),
+        "async guarded": lambda: per_call(lambda: guarded.get(URL), CALLS),
         "sync bare": lambda: asyncio.sleep(0, per_call_sync(lambda: bare_sync.get(URL))),
         "sync guarded": lambda: asyncio.sleep(0, per_call_sync(lambda: guarded_sync.get(URL))),
         "transport: inner only, other host": lambda: per_call(
@@ -88,12 +81,7 @@ async def main() -> None:
         ),
         "transport: guard, open breaker (refusal)": lambda: per_call(refused, 2000),
     }
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for run in variants.values():  # warm up
-        await run()
-    for _ in range(ROUNDS):
-        for name, run in variants.items():
-            samples[name].append(await run())
+    samples = await interleaved(variants, ROUNDS)
     med = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
     def paired(name: str, base: str) -> float:

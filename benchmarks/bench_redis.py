@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from _common import table, write
+from _common import interleaved, per_call, table, write
 
 from upstream_guard import CircuitOpenError, Guard, GuardSettings
 from upstream_guard.testing import RedisServer
@@ -36,13 +37,6 @@ def ok(request: httpx.Request) -> httpx.Response:
 
 def failing(request: httpx.Request) -> httpx.Response:
     return httpx.Response(503, text="no healthy upstream")
-
-
-async def per_call(client: httpx.AsyncClient) -> float:
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        await client.get(URL)
-    return (time.perf_counter() - start) / CALLS
 
 
 def commands(url: str) -> int:
@@ -68,12 +62,13 @@ async def main() -> None:
                 transport=shared.async_transport(mock)
             ),
         }
-        samples: dict[str, list[float]] = {name: [] for name in clients}
-        for client in clients.values():
-            await per_call(client)
-        for _ in range(ROUNDS):
-            for name, client in clients.items():
-                samples[name].append(await per_call(client))
+        samples = await interleaved(
+            {
+                name: functools.partial(per_call, functools.partial(c.get, URL), CALLS)
+                for name, c in clients.items()
+            },
+            ROUNDS,
+        )
         base = samples["memory only"]
         ratio = statistics.median(
             s / b for s, b in zip(samples["redis_url set (sync thread running)"], base, strict=True)

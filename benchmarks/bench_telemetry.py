@@ -9,13 +9,13 @@ opentelemetry-instrumentation-httpx alone. Interleaved rounds; medians of per-ro
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import statistics
-import time
 from collections.abc import Sequence
 
 import httpx
-from _common import table, write
+from _common import interleaved, per_call, table, write
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
@@ -39,13 +39,6 @@ def handler(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=b'{"id": "3n3Ppam7vgaVa1iaRUc9Lp"}')
 
 
-async def per_call(client: httpx.AsyncClient) -> float:
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        await client.get(URL)
-    return (time.perf_counter() - start) / CALLS
-
-
 async def main() -> None:
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(NullExporter(), max_queue_size=65536))
@@ -59,12 +52,13 @@ async def main() -> None:
         "official httpx instrumentation": httpx.AsyncClient(transport=httpx.MockTransport(handler)),
     }
     HTTPXClientInstrumentor().instrument_client(clients["official httpx instrumentation"])
-    samples: dict[str, list[float]] = {name: [] for name in clients}
-    for client in clients.values():
-        await per_call(client)
-    for _ in range(ROUNDS):
-        for name, client in clients.items():
-            samples[name].append(await per_call(client))
+    samples = await interleaved(
+        {
+            name: functools.partial(per_call, functools.partial(c.get, URL), CALLS)
+            for name, c in clients.items()
+        },
+        ROUNDS,
+    )
     bare = samples["bare"]
     added = {
         name: statistics.median((g - b) * 1e6 for g, b in zip(got, bare, strict=True))
