@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from . import _telemetry as telemetry
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
-from ._context import request_context
+from ._context import RequestContext
 from ._httpx import HTTPX, Flavor, transport_classes
 from ._pipeline import CallRecord, Hook, UpstreamRuntime
 from ._settings import GuardSettings
@@ -83,18 +83,19 @@ class Guard:
             return ports.get(port, any_port)
         return any_port
 
-    def deadline_left(self) -> float | None:
-        """Seconds left of the inbound request's deadline, if one is set."""
-        ctx = request_context.get()
+    def deadline_left(self, ctx: RequestContext | None) -> float | None:
+        """Seconds left of the inbound request's deadline (``ctx``), if one is set."""
         if ctx is None or ctx.deadline is None:
             return None
         return max(0.0, ctx.deadline - self.clock.monotonic())
 
-    def finish(self, record: CallRecord) -> None:
-        """Called by the drivers when a logical call ends, however it ends."""
+    def finish(self, record: CallRecord, ctx: RequestContext | None) -> None:
+        """Called by the drivers when a logical call ends, however it ends.
+
+        ``ctx`` is the request being served, read once by the driver at the call's start.
+        """
         if record.span is not None:
             record.span.end()
-        ctx = request_context.get()
         if ctx is not None:
             ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
         if telemetry.metrics_on():

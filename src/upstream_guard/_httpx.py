@@ -22,7 +22,7 @@ from . import _telemetry as telemetry
 from ._body import AsyncBody, SyncBody
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
-from ._context import guarding, request_context
+from ._context import RequestContext, guarding, request_context
 from ._errors import UpstreamUnavailable
 from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call, run_in_thread
 
@@ -89,7 +89,7 @@ def _cap_timeouts(request: Any, original: dict[str, float | None] | None, second
 
 
 def _start(
-    guard: Guard, rt: UpstreamRuntime, request: Any, flavor: Flavor
+    guard: Guard, rt: UpstreamRuntime, request: Any, flavor: Flavor, ctx: RequestContext | None
 ) -> tuple[CallRecord, _Call]:
     url = request.url
     record = CallRecord(rt.name, rt.matcher.match(url.path), request.method, rt.clock.monotonic())
@@ -97,7 +97,7 @@ def _start(
         own_spans = flavor is not HTTPX or not telemetry.official_instrumentation("httpx")
         record.span = telemetry.CallSpan(record, url.host, url.port, attempt_spans=own_spans)
     call = guarded_call(
-        rt, record, retryable_body=True, deadline_s=guard.deadline_left(), rng=guard.rng
+        rt, record, retryable_body=True, deadline_s=guard.deadline_left(ctx), rng=guard.rng
     )
     return record, call
 
@@ -266,7 +266,8 @@ async def drive_async(
     flavor: Flavor,
 ) -> Any:
     """Run one guarded call, sending each attempt with ``send``."""
-    record, call = _start(guard, rt, request, flavor)
+    ctx = request_context.get()  # once per call: deadline, body watch, the request's record
+    record, call = _start(guard, rt, request, flavor, ctx)
     if request.method in rt.replay_methods:
         await request.aread()  # a retry must be able to send the body again
     original = request.extensions.get("timeout")
@@ -284,7 +285,7 @@ async def drive_async(
     except UpstreamUnavailable as exc:
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     else:
-        if request_context.get() is not None:
+        if ctx is not None:
             _watch_body(flavor, rt, record, request, response, sync=False)
         out, keep = _delivered(flavor, rt, key, record, response)
         if keep and key is not None:
@@ -300,7 +301,7 @@ async def drive_async(
         call.close()
         if token is not None:
             guarding.reset(token)
-        guard.finish(record)
+        guard.finish(record, ctx)
 
 
 async def _run_in_task(
@@ -333,7 +334,8 @@ def drive_sync(
     flavor: Flavor,
 ) -> Any:
     """Run one guarded call in this thread, sending each attempt with ``send``."""
-    record, call = _start(guard, rt, request, flavor)
+    ctx = request_context.get()  # once per call: deadline, body watch, the request's record
+    record, call = _start(guard, rt, request, flavor, ctx)
     if request.method in rt.replay_methods:
         request.read()
     original = request.extensions.get("timeout")
@@ -349,7 +351,7 @@ def drive_sync(
     except UpstreamUnavailable as exc:
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     else:
-        if request_context.get() is not None:
+        if ctx is not None:
             _watch_body(flavor, rt, record, request, response, sync=True)
         out, keep = _delivered(flavor, rt, key, record, response)
         if keep and key is not None:
@@ -365,7 +367,7 @@ def drive_sync(
         call.close()
         if token is not None:
             guarding.reset(token)
-        guard.finish(record)
+        guard.finish(record, ctx)
 
 
 def _needs_cancel_scope(inner: Any, flavor: Flavor) -> bool:

@@ -18,7 +18,7 @@ from . import _context as context
 from . import _telemetry as telemetry
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
-from ._context import guarding
+from ._context import guarding, request_context
 from ._errors import UpstreamUnavailable
 from ._pipeline import Attempt, AttemptResult, CallRecord, guarded_call, run_in_thread
 
@@ -191,6 +191,7 @@ def drive_requests(
     kwargs: dict[str, Any],
 ) -> Any:
     """Run one guarded call for a prepared request, sending each attempt with ``send``."""
+    ctx = request_context.get()  # once per call: the deadline and the request's record
     parts = urlsplit(request.url)
     record = CallRecord(rt.name, rt.matcher.match(parts.path), request.method, rt.clock.monotonic())
     if telemetry.tracing_on():
@@ -200,7 +201,7 @@ def drive_requests(
         )
     replayable = request.body is None or isinstance(request.body, bytes | str)
     call = guarded_call(
-        rt, record, retryable_body=replayable, deadline_s=guard.deadline_left(), rng=guard.rng
+        rt, record, retryable_body=replayable, deadline_s=guard.deadline_left(ctx), rng=guard.rng
     )
     key = None
     if (
@@ -235,7 +236,7 @@ def drive_requests(
         call.close()
         if token is not None:
             guarding.reset(token)
-        guard.finish(record)
+        guard.finish(record, ctx)
 
 
 class GuardedAdapter(requests.adapters.HTTPAdapter):
