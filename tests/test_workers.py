@@ -83,6 +83,21 @@ class Workers:
         assert len(pids) == self.n, f"only {len(pids)} of {self.n} workers answered"
         return pids
 
+    def answers_from_all(self, at_least: int, until: float) -> list[httpx.Response]:
+        """At least ``at_least`` answers, in concurrent pairs, until every worker gave one.
+
+        One listening socket is shared by the workers, and whichever is in ``accept`` first
+        wins: one at a time, a single idle worker can take every connection. Pairs in flight
+        make the others accept too. Stops at ``until`` (a monotonic time) regardless.
+        """
+        answers: list[httpx.Response] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.n) as pool:
+            while time.monotonic() < until and (
+                len(answers) < at_least or len({a.headers["x-pid"] for a in answers}) < self.n
+            ):
+                answers += pool.map(lambda _: self.get(), range(self.n))
+        return answers
+
     def stop(self) -> None:
         self.client.close()
         self.process.terminate()
@@ -124,9 +139,7 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             agree_by = tripped + 1.0
             time.sleep(max(0.0, agree_by - time.monotonic()))  # sleep-ok: workers get 1 s to agree
             hits = sim.total_hits
-            answers = []
-            while len(answers) < 8 * n and time.monotonic() < tripped + 3.0:  # before the reset
-                answers.append(workers.get())
+            answers = workers.answers_from_all(8 * n, until=tripped + 3.0)  # before the reset
             assert all(refused(a, "circuit_open") for a in answers), [
                 (a.status_code, a.headers.get("x-pid"), a.json().get("detail"))
                 for a in answers
@@ -165,7 +178,7 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             assert first.status_code == 503
             time.sleep(1.0)  # sleep-ok: the one second workers have to agree
             hits = sim.total_hits
-            answers = [workers.get() for _ in range(8 * n)]
+            answers = workers.answers_from_all(8 * n, until=time.monotonic() + 10)
             assert all(refused(a, "cooldown") for a in answers)
             assert len({a.headers["x-pid"] for a in answers}) >= 2
             assert sim.total_hits == hits
