@@ -220,7 +220,8 @@ def warm_up(url: str, concurrency: int) -> int:
         ThreadPoolExecutor(concurrency) as pool,
     ):
         statuses = set(pool.map(lambda _: client.get(path).status_code, range(concurrency)))
-        assert statuses == {200}
+        # On a loaded machine, 16 drips at once may outlast total_s: a 503, never a 500.
+        assert statuses <= {200, 503}, statuses
         return app_tasks(client)
 
 
