@@ -43,9 +43,10 @@ def _succeed() -> None:
 class Permit:
     """One admitted attempt; give it back with ``Breaker.record`` or ``Breaker.release``."""
 
-    __slots__ = ("done", "generation", "probe", "started")
+    __slots__ = ("breaker", "done", "generation", "probe", "started")
 
-    def __init__(self, generation: int, probe: bool, started: float) -> None:
+    def __init__(self, breaker: Breaker, generation: int, probe: bool, started: float) -> None:
+        self.breaker = breaker
         self.generation = generation
         self.probe = probe
         self.started = started
@@ -118,6 +119,7 @@ class Breaker:
         self._opened_at = 0.0
         self._probes = 0
         self._window = _Window(settings.window_s)
+        self._slow_s = settings.slow_call_s
         # Whether pybreaker holds consecutive failures that a success must reset.
         self._dirty = False
         self.failures_total = 0
@@ -168,20 +170,20 @@ class Breaker:
         """A permit for one attempt, or None when the breaker refuses it."""
         now = self._clock.monotonic()
         if self.current == CLOSED:  # the hot path: no lock, no pybreaker
-            return Permit(self._generation, False, now)
+            return Permit(self, self._generation, False, now)
         with self._lock:
             if self.current == OPEN:
                 if now < self._opened_at + self.settings.reset_timeout_s:
                     return None
                 self._cb.half_open()
             if self.current == CLOSED:  # closed by a probe that just finished
-                return Permit(self._generation, False, now)
+                return Permit(self, self._generation, False, now)
             if self._probes >= self.probe_allowance:
                 # Remembered a while: the lease this asks for arrives with a later sync.
                 self._demand_until = now + 1.0
                 return None
             self._probes += 1
-            return Permit(self._generation, True, now)
+            return Permit(self, self._generation, True, now)
 
     def release(self, permit: Permit) -> None:
         """Give back a permit whose call was cancelled: neither success nor failure."""
@@ -198,24 +200,37 @@ class Breaker:
         if outcome is Outcome.CANCELLED or outcome is Outcome.THROTTLED:
             # Neither health nor ill health: a 429 is the app's quota, not the upstream's state.
             self.release(permit)
-            return
+        elif outcome is Outcome.FAILURE:
+            self._settle(permit, self._clock.monotonic(), failed=True, reason=reason)
+        else:  # a success, or a client error: the upstream answered as it should
+            self.record_success(permit, self._clock.monotonic())
+
+    def record_success(self, permit: Permit, now: float) -> None:
+        """``record(permit, Outcome.SUCCESS)`` at ``now``: the hot path of a healthy call.
+
+        A success that changes nothing in pybreaker touches only the window, without the
+        lock: the window is a statistic, and a count lost to a thread race cannot open or
+        close anything.
+        """
+        slow_s = self._slow_s
+        slow = slow_s is not None and now - permit.started > slow_s
+        if (
+            self.current == CLOSED
+            and not self._dirty
+            and not slow
+            and not permit.done
+            and permit.generation == self._generation
+        ):
+            permit.done = True
+            self._window.add(now, failed=False)
+            self.unsynced_success = True
+        else:
+            self._settle(permit, now, failed=slow, reason="")
+
+    def _settle(self, permit: Permit, now: float, *, failed: bool, reason: str) -> None:
         if permit.done:
             return
         permit.done = True
-        now = self._clock.monotonic()
-        slow = self.settings.slow_call_s
-        failed = outcome is Outcome.FAILURE or (slow is not None and now - permit.started > slow)
-        if (
-            not failed
-            and not self._dirty
-            and self.current == CLOSED
-            and permit.generation == self._generation
-        ):
-            # The hot path: a success that changes nothing in pybreaker. The window is a
-            # statistic; a count lost to a thread race here cannot open or close anything.
-            self._window.add(now, failed=False)
-            self.unsynced_success = True
-            return
         with self._lock:
             if permit.probe and permit.generation == self._generation:
                 self._probes -= 1

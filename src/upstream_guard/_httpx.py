@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -22,15 +22,13 @@ from . import _telemetry as telemetry
 from ._body import AsyncBody, SyncBody
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
-from ._context import RequestContext, guarding, request_context
+from ._context import guarding, request_context
 from ._errors import UpstreamUnavailable
-from ._pipeline import Attempt, AttemptResult, CallRecord, Wait, guarded_call, run_in_thread
+from ._pipeline import Attempt, AttemptResult, CallRecord, run_in_task, run_in_thread
 
 if TYPE_CHECKING:
     from ._guard import Guard
     from ._pipeline import UpstreamRuntime
-
-_Call = Generator[Attempt | Wait, AttemptResult | None, None]
 
 
 class Flavor:
@@ -88,18 +86,13 @@ def _cap_timeouts(request: Any, original: dict[str, float | None] | None, second
     }
 
 
-def _start(
-    guard: Guard, rt: UpstreamRuntime, request: Any, flavor: Flavor, ctx: RequestContext | None
-) -> tuple[CallRecord, _Call]:
+def _record(rt: UpstreamRuntime, request: Any, flavor: Flavor) -> CallRecord:
     url = request.url
     record = CallRecord(rt.name, rt.matcher.match(url.path), request.method, rt.clock.monotonic())
     if telemetry.tracing_on():
         own_spans = flavor is not HTTPX or not telemetry.official_instrumentation("httpx")
         record.span = telemetry.CallSpan(record, url.host, url.port, attempt_spans=own_spans)
-    call = guarded_call(
-        rt, record, retryable_body=True, deadline_s=guard.deadline_left(ctx), rng=guard.rng
-    )
-    return record, call
+    return record
 
 
 def _attempt_span(record: CallRecord, action: Attempt, request: Any) -> Any:
@@ -175,11 +168,9 @@ def _watch_body(
 
 
 def _delivered(
-    flavor: Flavor, rt: UpstreamRuntime, key: str | None, record: CallRecord, response: Any
+    flavor: Flavor, rt: UpstreamRuntime, key: str, record: CallRecord, response: Any
 ) -> tuple[Any, bool]:
     """What to hand back for a delivered response, and whether to read and keep its body."""
-    if key is None:
-        return response, False
     if storable(response.status_code, response.headers.get("cache-control")):
         return response, True
     if response.status_code >= 500 or response.status_code == 429:
@@ -202,10 +193,9 @@ def _stale_or_raise(
     return stale
 
 
-async def _attempt_async(
+async def _attempt_async(  # noqa: PLR0917 - positional on the hot path
     record: CallRecord,
     action: Attempt,
-    *,
     request: Any,
     send: Callable[[Any], Awaitable[Any]],
     cancel_scope: bool,
@@ -216,17 +206,19 @@ async def _attempt_async(
         if cancel_scope:
             with anyio.fail_after(action.timeout_s):
                 response = await send(request)
-                body = await response.aread() if needs_body(response.status_code) else b""
+                status = response.status_code
+                body = await response.aread() if needs_body(status) else b""
         else:
             response = await send(request)
-            body = await response.aread() if needs_body(response.status_code) else b""
+            status = response.status_code
+            body = await response.aread() if needs_body(status) else b""
     except (flavor.transport_error, TimeoutError) as exc:
         response = None
         result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
     else:
         if body:
             response = _rebuild(flavor, response, body)
-        result = _result(response.status_code, response.headers, body)
+        result = _result(status, response.headers, body)
     if span is not None:
         telemetry.CallSpan.attempt_done(span, result.status, result.error)
     return response, result
@@ -235,7 +227,6 @@ async def _attempt_async(
 def _attempt_sync(
     record: CallRecord,
     action: Attempt,
-    *,
     request: Any,
     send: Callable[[Any], Any],
     flavor: Flavor,
@@ -243,14 +234,15 @@ def _attempt_sync(
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         response = send(request)
-        body = response.read() if needs_body(response.status_code) else b""
+        status = response.status_code
+        body = response.read() if needs_body(status) else b""
     except flavor.transport_error as exc:
         response = None
         result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
     else:
         if body:
             response = _rebuild(flavor, response, body)
-        result = _result(response.status_code, response.headers, body)
+        result = _result(status, response.headers, body)
     if span is not None:
         telemetry.CallSpan.attempt_done(span, result.status, result.error)
     return response, result
@@ -267,28 +259,35 @@ async def drive_async(
 ) -> Any:
     """Run one guarded call, sending each attempt with ``send``."""
     ctx = request_context.get()  # once per call: deadline, body watch, the request's record
-    record, call = _start(guard, rt, request, flavor, ctx)
+    record = _record(rt, request, flavor)
     if request.method in rt.replay_methods:
         await request.aread()  # a retry must be able to send the body again
     original = request.extensions.get("timeout")
-    key = _stale_key(rt, request)
+    key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
 
     async def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
         _cap_timeouts(request, original, action.timeout_s)
-        return await _attempt_async(
-            record, action, request=request, send=send, cancel_scope=cancel_scope, flavor=flavor
-        )
+        return await _attempt_async(record, action, request, send, cancel_scope, flavor)
 
     try:
-        response = await _run_in_task(call, rt.clock, attempt)
+        response = await run_in_task(
+            rt,
+            record,
+            attempt,
+            retryable_body=True,
+            deadline_s=None if ctx is None else guard.deadline_left(ctx),
+            rng=guard.rng,
+        )
     except UpstreamUnavailable as exc:
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     else:
         if ctx is not None:
             _watch_body(flavor, rt, record, request, response, sync=False)
+        if key is None:
+            return response
         out, keep = _delivered(flavor, rt, key, record, response)
-        if keep and key is not None:
+        if keep:
             try:
                 await out.aread()
             except UpstreamUnavailable as exc:  # the body broke: a stale copy may still do
@@ -298,31 +297,9 @@ async def drive_async(
             _keep(rt, key, out)
         return out
     finally:
-        call.close()
         if token is not None:
             guarding.reset(token)
         guard.finish(record, ctx)
-
-
-async def _run_in_task(
-    call: _Call, clock: Any, attempt: Callable[[Attempt], Awaitable[tuple[Any, AttemptResult]]]
-) -> Any:
-    """``run_in_thread``'s twin for async code: waits and attempts are awaited."""
-    response: Any = None
-    try:
-        action = next(call)
-        while True:
-            if type(action) is Wait:
-                await clock.sleep(action.seconds)
-                action = call.send(None)
-                continue
-            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-            if response is not None:
-                await response.aclose()
-            response, result = await attempt(action)
-            action = call.send(result)
-    except StopIteration:
-        return response
 
 
 def drive_sync(
@@ -335,26 +312,35 @@ def drive_sync(
 ) -> Any:
     """Run one guarded call in this thread, sending each attempt with ``send``."""
     ctx = request_context.get()  # once per call: deadline, body watch, the request's record
-    record, call = _start(guard, rt, request, flavor, ctx)
+    record = _record(rt, request, flavor)
     if request.method in rt.replay_methods:
         request.read()
     original = request.extensions.get("timeout")
-    key = _stale_key(rt, request)
+    key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
 
     def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
         _cap_timeouts(request, original, action.timeout_s)
-        return _attempt_sync(record, action, request=request, send=send, flavor=flavor)
+        return _attempt_sync(record, action, request, send, flavor)
 
     try:
-        response = run_in_thread(call, rt.clock, attempt)
+        response = run_in_thread(
+            rt,
+            record,
+            attempt,
+            retryable_body=True,
+            deadline_s=None if ctx is None else guard.deadline_left(ctx),
+            rng=guard.rng,
+        )
     except UpstreamUnavailable as exc:
         return _stale_or_raise(flavor, rt=rt, key=key, record=record, exc=exc, request=request)
     else:
         if ctx is not None:
             _watch_body(flavor, rt, record, request, response, sync=True)
+        if key is None:
+            return response
         out, keep = _delivered(flavor, rt, key, record, response)
-        if keep and key is not None:
+        if keep:
             try:
                 out.read()
             except UpstreamUnavailable as exc:  # the body broke: a stale copy may still do
@@ -364,7 +350,6 @@ def drive_sync(
             _keep(rt, key, out)
         return out
     finally:
-        call.close()
         if token is not None:
             guarding.reset(token)
         guard.finish(record, ctx)

@@ -3,19 +3,23 @@
 ``guarded_call`` is a generator that performs no I/O: it yields ``Attempt`` (send the
 request once, with this timeout) and ``Wait`` (sleep this long), receives each attempt's
 ``AttemptResult``, and finishes by returning (deliver the last response) or raising an
-``UpstreamUnavailable``. The async driver (anyio) and the sync driver (threads) execute it.
-Closing the generator mid-call (cancellation) releases the breaker permit and bulkhead
-place without recording anything.
+``UpstreamUnavailable``. ``run_in_thread`` and ``run_in_task`` execute it for the sync and
+async drivers. Closing the generator mid-call (cancellation) releases the breaker permit and
+bulkhead place without recording anything.
+
+Most calls meet a closed breaker and get a healthy answer. The runners send that first
+attempt on a fast path (``_fast_start``, ``_fast_done``) with the same bookkeeping, and only
+build the generator, handing it the first attempt's result, when something is off.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from ._breaker import CLOSED, HALF_OPEN, OPEN, Breaker, StateHook
+from ._breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Permit, StateHook
 from ._bulkhead import Bulkhead
 from ._cache import StaleCache
 from ._classify import Outcome, classify_status, parse_retry_after
@@ -169,24 +173,14 @@ def classify_result(result: AttemptResult) -> tuple[Outcome, str]:
     return classify_status(status, result.body)
 
 
-def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one place
-    rt: UpstreamRuntime,
-    record: CallRecord,
-    *,
-    retryable_body: bool,
-    deadline_s: float | None,
-    rng: random.Random,
-) -> Generator[Attempt | Wait, AttemptResult | None, None]:
-    """Run one logical call (see the module docstring for the protocol)."""
-    s = rt.settings
-    clock = rt.clock
-    start = record.started
-    total = rt.total_s if deadline_s is None else min(rt.total_s, deadline_s)
-    deadline = start + total
-    breaker = rt.breaker_for(record.endpoint)
+def _admission(
+    rt: UpstreamRuntime, record: CallRecord, breaker: Breaker, total: float
+) -> Generator[Wait, AttemptResult | None, None]:
+    """Before the first attempt: wait out a short cooldown, take a bulkhead place."""
     if breaker.current != CLOSED:  # closed is the record's default
         record.breaker_state = breaker.state
-
+    s = rt.settings
+    start = record.started
     if rt.cooldown.until > start:
         left = rt.cooldown.until - start
         if left > s.retry.max_retry_after_s or left >= total:
@@ -208,40 +202,74 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
             retry_after_s=None,
         )
     rt.budget.deposit()
+
+
+def _refusal(rt: UpstreamRuntime, record: CallRecord, breaker: Breaker) -> CircuitOpenError:
+    wait = breaker.retry_after_s()
+    state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
+    if not record.attempts:
+        record.outcome, record.reason = "refused", "circuit_open"
+        record.breaker_state = state
+    return CircuitOpenError(
+        f"{breaker.name} breaker is {state}; not calling it",
+        upstream=rt.name,
+        reason="circuit_open",
+        # Half-open with every probe slot taken: worth asking again soon.
+        retry_after_s=wait or 1.0,
+    )
+
+
+def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one place
+    rt: UpstreamRuntime,
+    record: CallRecord,
+    *,
+    retryable_body: bool,
+    deadline_s: float | None,
+    rng: random.Random,
+    first: tuple[Permit, AttemptResult] | None = None,
+) -> Generator[Attempt | Wait, AttemptResult | None, None]:
+    """Run one logical call (see the module docstring for the protocol).
+
+    ``first``: the fast path already admitted and sent the first attempt (``_fast_start``);
+    the call goes on from its result.
+    """
+    s = rt.settings
+    clock = rt.clock
+    start = record.started
+    total = rt.total_s if deadline_s is None else min(rt.total_s, deadline_s)
+    deadline = start + total
+    breaker = rt.breaker_for(record.endpoint)
+    if first is None:
+        yield from _admission(rt, record, breaker, total)
     previous_reason = ""
     last_status: int | None = None
     try:
         while True:
-            permit = breaker.admit()
-            if permit is None:
-                if last_status is not None:  # opened by this call's own failures
-                    return  # hand back the last response
-                wait = breaker.retry_after_s()
-                state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
-                if not record.attempts:
-                    record.outcome, record.reason = "refused", "circuit_open"
-                    record.breaker_state = state
-                raise CircuitOpenError(
-                    f"{breaker.name} breaker is {state}; not calling it",
-                    upstream=rt.name,
-                    reason="circuit_open",
-                    # Half-open with every probe slot taken: worth asking again soon.
-                    retry_after_s=wait or 1.0,
-                )
-            record.attempts += 1
-            try:
-                left = deadline - permit.started
-                result = yield Attempt(record.attempts, min(left, rt.attempt_s))
-                assert result is not None  # noqa: S101 - the drivers always send a result
-                status = result.status
-                if status is not None and status < 400:  # the common case, inline
-                    outcome, reason = Outcome.SUCCESS, "ok"
-                else:
-                    outcome, reason = classify_result(result)
-                breaker.record(permit, outcome, reason)
-            finally:
-                if not permit.done:  # cancelled: free a probe slot, record nothing
+            if first is not None:
+                permit, result = first
+                first = None
+            else:
+                permit_or_none = breaker.admit()
+                if permit_or_none is None:
+                    if last_status is not None:  # opened by this call's own failures
+                        return  # hand back the last response
+                    raise _refusal(rt, record, breaker)
+                permit = permit_or_none
+                record.attempts += 1
+                try:
+                    left = deadline - permit.started
+                    sent = yield Attempt(record.attempts, min(left, rt.attempt_s))
+                except BaseException:  # cancelled: free a probe slot, record nothing
                     breaker.release(permit)
+                    raise
+                assert sent is not None  # noqa: S101 - the drivers always send a result
+                result = sent
+            status = result.status
+            if status is not None and status < 400:  # the common case, inline
+                outcome, reason = Outcome.SUCCESS, "ok"
+            else:
+                outcome, reason = classify_result(result)
+            breaker.record(permit, outcome, reason)
             record.status = last_status = result.status
             record.outcome, record.reason = outcome, reason
             retry_after = None
@@ -311,22 +339,83 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
             rt.bulkhead.release()
 
 
+def _fast_start(
+    rt: UpstreamRuntime, record: CallRecord, deadline_s: float | None
+) -> tuple[Permit, Attempt] | None:
+    """The first attempt, when nothing stands in its way; None leaves it to ``guarded_call``.
+
+    Nothing in the way: a closed breaker, no cooldown, no bulkhead. Does the bookkeeping
+    of ``_admission`` (the retry budget's deposit).
+    """
+    if rt.bulkhead is not None or rt.cooldown.until > record.started:
+        return None
+    breaker = rt.breaker_for(record.endpoint)
+    if breaker.current != CLOSED:
+        return None
+    permit = breaker.admit()
+    if permit is None:  # another thread opened it just now
+        return None
+    rt.budget.deposit()
+    record.attempts = 1
+    total = rt.total_s if deadline_s is None else min(rt.total_s, deadline_s)
+    return permit, Attempt(1, min(record.started + total - permit.started, rt.attempt_s))
+
+
+def _fast_done(rt: UpstreamRuntime, record: CallRecord, permit: Permit, status: int | None) -> bool:
+    """Record the fast path's attempt and end the call, if it was a healthy answer."""
+    if status is None or status >= 400:
+        return False  # guarded_call classifies it and decides what follows
+    now = rt.clock.monotonic()
+    permit.breaker.record_success(permit, now)
+    record.status = status
+    record.outcome = Outcome.SUCCESS
+    record.reason = "ok"
+    record.duration_s = now - record.started
+    return True
+
+
+def _abandoned(rt: UpstreamRuntime, record: CallRecord, permit: Permit) -> None:
+    """The fast path's attempt did not finish (cancelled, or a bug below): record nothing."""
+    permit.breaker.release(permit)
+    record.outcome, record.reason = "cancelled", "cancelled"
+    record.duration_s = rt.clock.monotonic() - record.started
+
+
 def run_in_thread(
-    call: Generator[Attempt | Wait, AttemptResult | None, None],
-    clock: Clock,
+    rt: UpstreamRuntime,
+    record: CallRecord,
     attempt: Callable[[Attempt], tuple[Any, AttemptResult]],
+    *,
+    retryable_body: bool,
+    deadline_s: float | None,
+    rng: random.Random,
 ) -> Any:
-    """Execute a call's decisions in this thread: the sync loop of httpx and requests.
+    """Run one call in this thread: the sync loop of httpx and requests.
 
     ``attempt`` sends once; returns the response to hand back, or raises the call's
     ``UpstreamUnavailable``. Responses that a retry replaces are closed.
     """
+    first = None
     response: Any = None
+    fast = _fast_start(rt, record, deadline_s)
+    if fast is not None:
+        permit, opening = fast
+        try:
+            response, result = attempt(opening)
+        except BaseException:
+            _abandoned(rt, record, permit)
+            raise
+        if _fast_done(rt, record, permit, result.status):
+            return response
+        first = (permit, result)
+    call = guarded_call(
+        rt, record, retryable_body=retryable_body, deadline_s=deadline_s, rng=rng, first=first
+    )
     try:
         action = next(call)
         while True:
             if type(action) is Wait:
-                clock.sleep_sync(action.seconds)
+                rt.clock.sleep_sync(action.seconds)
                 # The call may end here too (its own failures opened the breaker meanwhile).
                 action = call.send(None)
                 continue
@@ -337,6 +426,52 @@ def run_in_thread(
             action = call.send(result)
     except StopIteration:
         return response
+    finally:
+        call.close()
+
+
+async def run_in_task(
+    rt: UpstreamRuntime,
+    record: CallRecord,
+    attempt: Callable[[Attempt], Awaitable[tuple[Any, AttemptResult]]],
+    *,
+    retryable_body: bool,
+    deadline_s: float | None,
+    rng: random.Random,
+) -> Any:
+    """``run_in_thread``'s twin for async code: waits and attempts are awaited."""
+    first = None
+    response: Any = None
+    fast = _fast_start(rt, record, deadline_s)
+    if fast is not None:
+        permit, opening = fast
+        try:
+            response, result = await attempt(opening)
+        except BaseException:
+            _abandoned(rt, record, permit)
+            raise
+        if _fast_done(rt, record, permit, result.status):
+            return response
+        first = (permit, result)
+    call = guarded_call(
+        rt, record, retryable_body=retryable_body, deadline_s=deadline_s, rng=rng, first=first
+    )
+    try:
+        action = next(call)
+        while True:
+            if type(action) is Wait:
+                await rt.clock.sleep(action.seconds)
+                action = call.send(None)
+                continue
+            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
+            if response is not None:
+                await response.aclose()
+            response, result = await attempt(action)
+            action = call.send(result)
+    except StopIteration:
+        return response
+    finally:
+        call.close()
 
 
 __all__ = [
@@ -348,5 +483,6 @@ __all__ = [
     "UpstreamUnavailable",
     "Wait",
     "guarded_call",
+    "run_in_task",
     "run_in_thread",
 ]

@@ -20,7 +20,7 @@ from ._cache import cache_key, stale_headers, storable, wants_no_copy
 from ._classify import needs_body
 from ._context import guarding, request_context
 from ._errors import UpstreamUnavailable
-from ._pipeline import Attempt, AttemptResult, CallRecord, guarded_call, run_in_thread
+from ._pipeline import Attempt, AttemptResult, CallRecord, run_in_thread
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -200,9 +200,6 @@ def drive_requests(
             record, parts.hostname or "", parts.port, attempt_spans=own_spans
         )
     replayable = request.body is None or isinstance(request.body, bytes | str)
-    call = guarded_call(
-        rt, record, retryable_body=replayable, deadline_s=guard.deadline_left(ctx), rng=guard.rng
-    )
     key = None
     if (
         rt.stale is not None
@@ -225,7 +222,14 @@ def drive_requests(
         )
 
     try:
-        response = run_in_thread(call, rt.clock, attempt)
+        response = run_in_thread(
+            rt,
+            record,
+            attempt,
+            retryable_body=replayable,
+            deadline_s=guard.deadline_left(ctx),
+            rng=guard.rng,
+        )
         return _delivered(rt, key, record, request, response)
     except UpstreamUnavailable as exc:
         stale = _stale(rt, key, record, request)
@@ -233,7 +237,6 @@ def drive_requests(
             return stale
         raise requests_error(exc, request) from exc.__cause__
     finally:
-        call.close()
         if token is not None:
             guarding.reset(token)
         guard.finish(record, ctx)
