@@ -56,7 +56,7 @@ class Permit:
 class _Window:
     """Calls and failures over the last ``window_s`` seconds, in ten buckets."""
 
-    __slots__ = ("_calls", "_fails", "_ids", "_span")
+    __slots__ = ("_calls", "_fails", "_from", "_i", "_ids", "_span", "_until")
     _N = 10
 
     def __init__(self, window_s: float) -> None:
@@ -64,17 +64,29 @@ class _Window:
         self._ids = [-1] * self._N
         self._calls = [0] * self._N
         self._fails = [0] * self._N
+        # The bucket the last call went to, and the times it covers: most calls find it
+        # again without a division.
+        self._i = 0
+        self._from = self._until = 0.0
 
-    def add(self, now: float, failed: bool) -> None:
+    def add(self, now: float, *, failed: bool) -> None:
+        if not self._from <= now < self._until:
+            self._move(now)
+        i = self._i
+        self._calls[i] += 1
+        if failed:
+            self._fails[i] += 1
+
+    def _move(self, now: float) -> None:
         bucket = int(now / self._span)
         i = bucket % self._N
         if self._ids[i] != bucket:
             self._ids[i] = bucket
             self._calls[i] = 0
             self._fails[i] = 0
-        self._calls[i] += 1
-        if failed:
-            self._fails[i] += 1
+        self._i = i
+        self._from = bucket * self._span
+        self._until = self._from + self._span
 
     def totals(self, now: float) -> tuple[int, int]:
         oldest = int(now / self._span) - self._N
@@ -87,6 +99,7 @@ class _Window:
 
     def clear(self) -> None:
         self._ids = [-1] * self._N
+        self._from = self._until = 0.0
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -113,7 +126,8 @@ class Breaker:
         self._clock = clock
         self._hooks = hooks if hooks is not None else []
         self._lock = threading.Lock()
-        self._generation = 0
+        self.generation = 0
+        """Bumped by every transition: permits from an older generation count for nothing."""
         self.current: str = CLOSED
         """The recorded state (``state`` also reads an expired open breaker as half-open)."""
         self._opened_at = 0.0
@@ -170,20 +184,20 @@ class Breaker:
         """A permit for one attempt, or None when the breaker refuses it."""
         now = self._clock.monotonic()
         if self.current == CLOSED:  # the hot path: no lock, no pybreaker
-            return Permit(self, self._generation, False, now)
+            return Permit(self, self.generation, False, now)
         with self._lock:
             if self.current == OPEN:
                 if now < self._opened_at + self.settings.reset_timeout_s:
                     return None
                 self._cb.half_open()
             if self.current == CLOSED:  # closed by a probe that just finished
-                return Permit(self, self._generation, False, now)
+                return Permit(self, self.generation, False, now)
             if self._probes >= self.probe_allowance:
                 # Remembered a while: the lease this asks for arrives with a later sync.
                 self._demand_until = now + 1.0
                 return None
             self._probes += 1
-            return Permit(self, self._generation, True, now)
+            return Permit(self, self.generation, True, now)
 
     def release(self, permit: Permit) -> None:
         """Give back a permit whose call was cancelled: neither success nor failure."""
@@ -192,7 +206,7 @@ class Breaker:
         permit.done = True
         if permit.probe:
             with self._lock:
-                if permit.generation == self._generation:
+                if permit.generation == self.generation:
                     self._probes -= 1
 
     def record(self, permit: Permit, outcome: Outcome, reason: str = "") -> None:
@@ -219,7 +233,7 @@ class Breaker:
             and not self._dirty
             and not slow
             and not permit.done
-            and permit.generation == self._generation
+            and permit.generation == self.generation
         ):
             permit.done = True
             self._window.add(now, failed=False)
@@ -232,9 +246,9 @@ class Breaker:
             return
         permit.done = True
         with self._lock:
-            if permit.probe and permit.generation == self._generation:
+            if permit.probe and permit.generation == self.generation:
                 self._probes -= 1
-            if permit.generation != self._generation:
+            if permit.generation != self.generation:
                 return  # a late result: the state moved on while it was in flight
             if failed:
                 self.failures_total += 1
@@ -290,7 +304,7 @@ class Breaker:
     def on_state_change(self, old: str, new: str) -> None:
         """Follow pybreaker's transitions (its listener calls this)."""
         # Runs inside pybreaker's call, under our lock: no locking here.
-        self._generation += 1
+        self.generation += 1
         self.current = new
         self._probes = 0
         self._dirty = self._cb.fail_counter > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -103,12 +104,14 @@ def _attempt_span(record: CallRecord, action: Attempt, request: Any) -> Any:
     return span
 
 
+# Healthy answers share their results (results are never mutated): no allocation, no call.
 _HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 
 
 def _result(status: int, headers: Any, body: bytes) -> AttemptResult:
-    if status < 400:  # a healthy answer: nothing to look up (results are never mutated)
-        return _HEALTHY.get(status) or AttemptResult(status=status)
+    """The result of an answer (a healthy one is looked up first: ``_HEALTHY.get(status)``)."""
+    if status < 400:
+        return AttemptResult(status=status)
     return AttemptResult(status=status, retry_after=headers.get("retry-after"), body=body)
 
 
@@ -193,56 +196,60 @@ def _stale_or_raise(
     return stale
 
 
-async def _attempt_async(  # noqa: PLR0917 - positional on the hot path
+async def _attempt_async(  # noqa: PLR0917 - bound by partial on the hot path
     record: CallRecord,
-    action: Attempt,
     request: Any,
+    original: dict[str, float | None] | None,
     send: Callable[[Any], Awaitable[Any]],
     cancel_scope: bool,
     flavor: Flavor,
+    action: Attempt,
 ) -> tuple[Any, AttemptResult]:
+    _cap_timeouts(request, original, action.timeout_s)
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         if cancel_scope:
             with anyio.fail_after(action.timeout_s):
                 response = await send(request)
                 status = response.status_code
-                body = await response.aread() if needs_body(status) else b""
+                body = await response.aread() if status >= 400 and needs_body(status) else b""
         else:
             response = await send(request)
             status = response.status_code
-            body = await response.aread() if needs_body(status) else b""
+            body = await response.aread() if status >= 400 and needs_body(status) else b""
     except (flavor.transport_error, TimeoutError) as exc:
         response = None
         result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
     else:
         if body:
             response = _rebuild(flavor, response, body)
-        result = _result(status, response.headers, body)
+        result = _HEALTHY.get(status) or _result(status, response.headers, body)
     if span is not None:
         telemetry.CallSpan.attempt_done(span, result.status, result.error)
     return response, result
 
 
-def _attempt_sync(
+def _attempt_sync(  # noqa: PLR0917 - bound by partial on the hot path
     record: CallRecord,
-    action: Attempt,
     request: Any,
+    original: dict[str, float | None] | None,
     send: Callable[[Any], Any],
     flavor: Flavor,
+    action: Attempt,
 ) -> tuple[Any, AttemptResult]:
+    _cap_timeouts(request, original, action.timeout_s)
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         response = send(request)
         status = response.status_code
-        body = response.read() if needs_body(status) else b""
+        body = response.read() if status >= 400 and needs_body(status) else b""
     except flavor.transport_error as exc:
         response = None
         result = AttemptResult(error_kind=flavor.error_kind(exc), error=exc)
     else:
         if body:
             response = _rebuild(flavor, response, body)
-        result = _result(status, response.headers, body)
+        result = _HEALTHY.get(status) or _result(status, response.headers, body)
     if span is not None:
         telemetry.CallSpan.attempt_done(span, result.status, result.error)
     return response, result
@@ -266,10 +273,7 @@ async def drive_async(
     key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
 
-    async def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
-        _cap_timeouts(request, original, action.timeout_s)
-        return await _attempt_async(record, action, request, send, cancel_scope, flavor)
-
+    attempt = partial(_attempt_async, record, request, original, send, cancel_scope, flavor)
     try:
         response = await run_in_task(
             rt,
@@ -319,10 +323,7 @@ def drive_sync(
     key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
 
-    def attempt(action: Attempt) -> tuple[Any, AttemptResult]:
-        _cap_timeouts(request, original, action.timeout_s)
-        return _attempt_sync(record, action, request, send, flavor)
-
+    attempt = partial(_attempt_sync, record, request, original, send, flavor)
     try:
         response = run_in_thread(
             rt,

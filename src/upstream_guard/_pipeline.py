@@ -138,16 +138,20 @@ class UpstreamRuntime:
         self.replay_methods = settings.retry.methods if settings.retry.attempts > 1 else frozenset()
         self.total_s = settings.timeout.total_s
         self.attempt_s = settings.timeout.attempt_s
+        # The fast path's first attempt (attempts are never changed): one object for all.
+        self.first_attempt = Attempt(1, min(self.total_s, self.attempt_s))
         self._state_hooks = state_hooks
         self._per_endpoint = settings.breaker.scope == "endpoint"
         self.breakers: dict[str, Breaker] = {}
+        self.breaker: Breaker | None = None
+        """The upstream's one breaker (None with ``scope = endpoint``)."""
         if not self._per_endpoint:
-            self.breakers[name] = Breaker(name, settings.breaker, clock, state_hooks)
+            self.breaker = self.breakers[name] = Breaker(name, settings.breaker, clock, state_hooks)
 
     def breaker_for(self, endpoint: str) -> Breaker:
         """The breaker that guards this endpoint (templates keep their number bounded)."""
-        if not self._per_endpoint:
-            return self.breakers[self.name]
+        if self.breaker is not None:
+            return self.breaker
         key = f"{self.name} {endpoint}"
         breaker = self.breakers.get(key)
         if breaker is None:
@@ -344,21 +348,20 @@ def _fast_start(
 ) -> tuple[Permit, Attempt] | None:
     """The first attempt, when nothing stands in its way; None leaves it to ``guarded_call``.
 
-    Nothing in the way: a closed breaker, no cooldown, no bulkhead. Does the bookkeeping
-    of ``_admission`` (the retry budget's deposit).
+    Nothing in the way: a closed breaker (which admits every call), no cooldown, no
+    bulkhead. Does the bookkeeping of ``_admission`` (the retry budget's deposit).
     """
     if rt.bulkhead is not None or rt.cooldown.until > record.started:
         return None
-    breaker = rt.breaker_for(record.endpoint)
+    breaker = rt.breaker or rt.breaker_for(record.endpoint)
     if breaker.current != CLOSED:
-        return None
-    permit = breaker.admit()
-    if permit is None:  # another thread opened it just now
         return None
     rt.budget.deposit()
     record.attempts = 1
-    total = rt.total_s if deadline_s is None else min(rt.total_s, deadline_s)
-    return permit, Attempt(1, min(record.started + total - permit.started, rt.attempt_s))
+    opening = rt.first_attempt
+    if deadline_s is not None and deadline_s < opening.timeout_s:
+        opening = Attempt(1, deadline_s)
+    return Permit(breaker, breaker.generation, False, record.started), opening
 
 
 def _fast_done(rt: UpstreamRuntime, record: CallRecord, permit: Permit, status: int | None) -> bool:
