@@ -56,24 +56,24 @@ class Permit:
 class _Window:
     """Calls and failures over the last ``window_s`` seconds, in ten buckets."""
 
-    __slots__ = ("_calls", "_fails", "_from", "_i", "_ids", "_span", "_until")
+    __slots__ = ("_fails", "_ids", "_span", "calls", "current", "since", "until")
     _N = 10
 
     def __init__(self, window_s: float) -> None:
         self._span = window_s / self._N
         self._ids = [-1] * self._N
-        self._calls = [0] * self._N
+        self.calls = [0] * self._N
         self._fails = [0] * self._N
         # The bucket the last call went to, and the times it covers: most calls find it
-        # again without a division.
-        self._i = 0
-        self._from = self._until = 0.0
+        # again without a division (``Breaker.record_success`` counts there directly).
+        self.current = 0
+        self.since = self.until = 0.0
 
     def add(self, now: float, *, failed: bool) -> None:
-        if not self._from <= now < self._until:
+        if not self.since <= now < self.until:
             self._move(now)
-        i = self._i
-        self._calls[i] += 1
+        i = self.current
+        self.calls[i] += 1
         if failed:
             self._fails[i] += 1
 
@@ -82,24 +82,24 @@ class _Window:
         i = bucket % self._N
         if self._ids[i] != bucket:
             self._ids[i] = bucket
-            self._calls[i] = 0
+            self.calls[i] = 0
             self._fails[i] = 0
-        self._i = i
-        self._from = bucket * self._span
-        self._until = self._from + self._span
+        self.current = i
+        self.since = bucket * self._span
+        self.until = self.since + self._span
 
     def totals(self, now: float) -> tuple[int, int]:
         oldest = int(now / self._span) - self._N
         calls = fails = 0
         for i in range(self._N):
             if self._ids[i] > oldest:
-                calls += self._calls[i]
+                calls += self.calls[i]
                 fails += self._fails[i]
         return calls, fails
 
     def clear(self) -> None:
         self._ids = [-1] * self._N
-        self._from = self._until = 0.0
+        self.since = self.until = 0.0
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -236,7 +236,11 @@ class Breaker:
             and permit.generation == self.generation
         ):
             permit.done = True
-            self._window.add(now, failed=False)
+            window = self._window
+            if window.since <= now < window.until:  # ``window.add``, inlined
+                window.calls[window.current] += 1
+            else:
+                window.add(now, failed=False)
             self.unsynced_success = True
         else:
             self._settle(permit, now, failed=slow, reason="")

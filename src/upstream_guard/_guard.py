@@ -98,7 +98,7 @@ class Guard:
             record.span.end()
         if ctx is not None:
             ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
-        if telemetry.metrics_on():
+        if telemetry.METRICS_API["_METER_PROVIDER"] is not None and telemetry.metrics_on():
             telemetry.record_metrics(record)
         for hook in self.hooks:
             hook(record)

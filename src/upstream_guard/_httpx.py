@@ -42,6 +42,7 @@ class Flavor:
         self.timeout_error: type[Exception] = module.TimeoutException
         self.connect_error: type[Exception] = module.ConnectError
         self.response: type[Any] = module.Response
+        self.byte_stream: type[Any] = module.ByteStream
         self.async_http_transport: type[Any] = module.AsyncHTTPTransport
         self.sync_http_transport: type[Any] = module.HTTPTransport
         self._errors: dict[type[UpstreamUnavailable], type[Exception]] = {}
@@ -76,10 +77,6 @@ HTTPX = Flavor(httpx)
 
 def _cap_timeouts(request: Any, original: dict[str, float | None] | None, seconds: float) -> None:
     # httpx enforces these per phase; capping them bounds the attempt without a cancel scope.
-    if original:
-        values = original.values()
-        if None not in values and max(values) <= seconds:  # type: ignore[type-var,operator]
-            return  # the client's own timeouts are already within the attempt's
     base = original or {"connect": None, "read": None, "write": None, "pool": None}
     request.extensions = {
         **request.extensions,
@@ -90,7 +87,7 @@ def _cap_timeouts(request: Any, original: dict[str, float | None] | None, second
 def _record(rt: UpstreamRuntime, request: Any, flavor: Flavor) -> CallRecord:
     url = request.url
     record = CallRecord(rt.name, rt.matcher.match(url.path), request.method, rt.clock.monotonic())
-    if telemetry.tracing_on():
+    if telemetry.TRACE_API["_TRACER_PROVIDER"] is not None and telemetry.tracing_on():
         own_spans = flavor is not HTTPX or not telemetry.official_instrumentation("httpx")
         record.span = telemetry.CallSpan(record, url.host, url.port, attempt_spans=own_spans)
     return record
@@ -205,7 +202,10 @@ async def _attempt_async(  # noqa: PLR0917 - bound by partial on the hot path
     flavor: Flavor,
     action: Attempt,
 ) -> tuple[Any, AttemptResult]:
-    _cap_timeouts(request, original, action.timeout_s)
+    seconds = action.timeout_s
+    # Inline: the check runs on every attempt; the client's own timeouts are seldom longer.
+    if not original or None in (v := original.values()) or max(v) > seconds:  # type: ignore[type-var,operator]
+        _cap_timeouts(request, original, seconds)
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         if cancel_scope:
@@ -237,7 +237,10 @@ def _attempt_sync(  # noqa: PLR0917 - bound by partial on the hot path
     flavor: Flavor,
     action: Attempt,
 ) -> tuple[Any, AttemptResult]:
-    _cap_timeouts(request, original, action.timeout_s)
+    seconds = action.timeout_s
+    # Inline: the check runs on every attempt; the client's own timeouts are seldom longer.
+    if not original or None in (v := original.values()) or max(v) > seconds:  # type: ignore[type-var,operator]
+        _cap_timeouts(request, original, seconds)
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         response = send(request)
@@ -267,7 +270,7 @@ async def drive_async(
     """Run one guarded call, sending each attempt with ``send``."""
     ctx = request_context.get()  # once per call: deadline, body watch, the request's record
     record = _record(rt, request, flavor)
-    if request.method in rt.replay_methods:
+    if request.method in rt.replay_methods and type(request.stream) is not flavor.byte_stream:
         await request.aread()  # a retry must be able to send the body again
     original = request.extensions.get("timeout")
     key = None if rt.stale is None else _stale_key(rt, request)
@@ -317,8 +320,8 @@ def drive_sync(
     """Run one guarded call in this thread, sending each attempt with ``send``."""
     ctx = request_context.get()  # once per call: deadline, body watch, the request's record
     record = _record(rt, request, flavor)
-    if request.method in rt.replay_methods:
-        request.read()
+    if request.method in rt.replay_methods and type(request.stream) is not flavor.byte_stream:
+        request.read()  # a retry must be able to send the body again (bytes already can)
     original = request.extensions.get("timeout")
     key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None

@@ -194,7 +194,7 @@ def drive_requests(
     ctx = request_context.get()  # once per call: the deadline and the request's record
     parts = urlsplit(request.url)
     record = CallRecord(rt.name, rt.matcher.match(parts.path), request.method, rt.clock.monotonic())
-    if telemetry.tracing_on():
+    if telemetry.TRACE_API["_TRACER_PROVIDER"] is not None and telemetry.tracing_on():
         own_spans = not telemetry.official_instrumentation("requests")
         record.span = telemetry.CallSpan(
             record, parts.hostname or "", parts.port, attempt_spans=own_spans

@@ -60,6 +60,19 @@ _metrics_internal = sys.modules.get("opentelemetry.metrics._internal")
 trace.get_tracer_provider()
 metrics.get_meter_provider()
 
+# The API modules' globals (live), where each provider stays None until one is set. The hot
+# path skips the calls to ``tracing_on`` and ``metrics_on`` with one lookup while no SDK is
+# set: ``TRACE_API["_TRACER_PROVIDER"] is not None and tracing_on()``. Should the API move
+# its globals, the stand-in entries always lead to the full check.
+TRACE_API: dict[str, Any] = (
+    vars(trace) if "_TRACER_PROVIDER" in vars(trace) else {"_TRACER_PROVIDER": _MISSING}
+)
+METRICS_API: dict[str, Any] = (
+    vars(_metrics_internal)
+    if _metrics_internal is not None and "_METER_PROVIDER" in vars(_metrics_internal)
+    else {"_METER_PROVIDER": _MISSING}
+)
+
 
 def tracing_on() -> bool:
     """Whether an SDK tracer provider is installed (spans are worth building).
