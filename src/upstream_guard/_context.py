@@ -21,40 +21,28 @@ Send = Callable[[Message], Awaitable[None]]
 class RequestContext:
     """What one inbound request saw of its upstreams; made by the middleware per request.
 
-    Kept small: it is built on every request, most of which never call an upstream.
+    Kept small: it is built on every request, most of which never call an upstream. The
+    defaults live on the class, so a request that calls none sets two attributes.
     """
 
-    __slots__ = (
-        "_send",
-        "answered_by",
-        "deadline",
-        "failed",
-        "guard",
-        "server_timing",
-        "stale",
-        "started",
-        "used",
-    )
+    deadline: float | None = None
+    """Absolute deadline on the guard's clock, or None."""
+    failed: dict[str, str] | None = None
+    """Upstream name -> reason, for each upstream that failed this request."""
+    used: dict[str, float] | None = None
+    """Upstream name -> seconds spent calling it."""
+    stale = False
+    """Whether a stale copy answered one of the calls."""
+    started = False
+    """Whether the response has started (then no fallback can be sent)."""
+    answered_by = "app"
+    """Who answered: ``app``, or the guard's ``fallback``, ``unavailable`` (503 problem)."""
 
-    def __init__(
-        self, guard: Guard, deadline: float | None, send: Send, server_timing: bool
-    ) -> None:
-        """Start a request: nothing used, nothing failed, no response started."""
-        self.guard = guard
-        self.deadline = deadline
-        """Absolute deadline on the guard's clock, or None."""
-        self.failed: dict[str, str] | None = None
-        """Upstream name -> reason, for each upstream that failed this request."""
-        self.used: dict[str, float] | None = None
-        """Upstream name -> seconds spent calling it."""
-        self.stale = False
-        """Whether a stale copy answered one of the calls."""
-        self.started = False
-        """Whether the response has started (then no fallback can be sent)."""
-        self.server_timing = server_timing
-        self.answered_by = "app"
-        """Who answered: ``app``, or the guard's ``fallback``, ``unavailable`` (503 problem)."""
-        self._send = send
+    guard: Guard
+    """Set by the middleware, with ``server_send``, right after creating it (no ``__init__``:
+    creating the object stays in C, a frame less on every request)."""
+    server_send: Send
+    """The server's ``send``, which ``send`` wraps."""
 
     def note(self, upstream: str, outcome: str, reason: str, seconds: float) -> None:
         """Record one logical call made while serving this request."""
@@ -76,11 +64,11 @@ class RequestContext:
             if self.used:
                 # Now, not later: the inbound span may end with the response.
                 annotate_inbound(list(self.used), self.answered_by, stale=self.stale)
-                if self.server_timing:
+                if self.guard.settings.server_timing:
                     parts = [f"{name};dur={s * 1000:.1f}" for name, s in self.used.items()]
                     header = (b"server-timing", ", ".join(parts).encode("latin-1"))
                     message["headers"] = [*message.get("headers", ()), header]
-        await self._send(message)
+        await self.server_send(message)
 
 
 request_context: ContextVar[RequestContext | None] = ContextVar(

@@ -42,32 +42,27 @@ class UpstreamGuardMiddleware:
         self.guard = guard if guard is not None else Guard(settings)
         self._health_path = self.guard.settings.health_path
         self._deadline_s = self.guard.settings.request_deadline_s
-        self._server_timing = self.guard.settings.server_timing
         # None unless dashboard_path is set: then it also keeps recent calls (a guard hook).
         self._dashboard = Dashboard(self.guard) if self.guard.settings.dashboard_path else None
         instrument(self.guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Dispatch by scope type: http is guarded, lifespan is followed, the rest passes."""
-        kind = scope["type"]
-        if kind == "http":
-            if scope["path"] == self._health_path:
-                await self._health(scope, receive, send)
-            elif self._dashboard is not None and scope["path"] in self._dashboard.paths:
-                await self._dashboard(scope, receive, send)
-            else:
-                await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Guard an http request; health, dashboard, lifespan and the rest are dispatched."""
+        if (
+            scope["type"] != "http"
+            or scope["path"] == self._health_path
+            or (self._dashboard is not None and scope["path"] in self._dashboard.paths)
+        ):
+            await self._dispatch(scope, receive, send)
+            return
+        # A request to the app, handled here rather than in a method of its own: one
+        # coroutine less on every request.
         guard = self.guard
-        deadline = None
+        ctx = RequestContext()
+        ctx.guard = guard
+        ctx.server_send = send
         if self._deadline_s is not None:
-            deadline = guard.clock.monotonic() + self._deadline_s
-        ctx = RequestContext(guard, deadline, send, self._server_timing)
+            ctx.deadline = guard.clock.monotonic() + self._deadline_s
         token = request_context.set(ctx)
         try:
             await self.app(scope, receive, ctx.send)
@@ -84,6 +79,19 @@ class UpstreamGuardMiddleware:
             await response(scope, receive, ctx.send)
         finally:
             request_context.reset(token)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"] == self._health_path:
+                await self._health(scope, receive, send)
+            else:
+                assert self._dashboard is not None  # noqa: S101 - __call__ checked
+                await self._dashboard(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         snapshot = self.guard.snapshot()
