@@ -464,3 +464,46 @@ async def test_bulkhead_refuses_past_max_concurrency(clock):
         tg.cancel_scope.cancel()
     assert guard.upstreams["spotify_api"].bulkhead is not None
     assert guard.upstreams["spotify_api"].bulkhead.in_flight == 0
+
+
+async def test_internationalised_hosts_and_encoded_paths_are_guarded(kind, clock):
+    """A host configured in Unicode matches the punycode clients send; encoded paths match."""
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.raw_host.decode())
+        return httpx.Response(503, text="no healthy upstream")
+
+    shop = {
+        "hosts": ["Bücher.test"],
+        "templates": ["/v1/users/{user_id}/playlists"],
+        "breaker": {"fail_max": 2},
+        "retry": {"attempts": 1},
+    }
+    guard = Guard(GuardSettings(upstreams={"shop": shop}), clock=clock)
+    records: list[Any] = []
+    guard.hooks.append(records.append)
+    call = caller(kind, guard, httpx.MockTransport(handler))
+    for _ in range(2):
+        await call("GET", "https://bücher.test/v1/users/some%20user/playlists?limit=5")
+    assert sent == ["xn--bcher-kva.test"] * 2
+    assert [(r.upstream, r.endpoint) for r in records] == [
+        ("shop", "/v1/users/{user_id}/playlists")
+    ] * 2
+    assert guard.state("shop") == "open"
+    with pytest.raises(CircuitOpenError):
+        await call("GET", "https://xn--bcher-kva.test/v1/users/x/playlists")
+
+
+async def test_public_url_properties_stand_in_for_the_parsed_url(kind, clock, monkeypatch):
+    """Should httpx drop its parsed URL, host and path come from the public properties."""
+    from upstream_guard._httpx import HTTPX
+
+    monkeypatch.setattr(HTTPX, "parsed_urls", False)
+    guard = Guard(make_settings("http://api.test"), clock=clock)
+    records: list[Any] = []
+    guard.hooks.append(records.append)
+    call = caller(kind, guard, httpx.MockTransport(lambda _: httpx.Response(200)))
+    assert (await call("GET", "http://api.test/v1/tracks/a%20b")).status_code == 200
+    assert (await call("GET", "http://other.test/v1/tracks/x")).status_code == 200
+    assert [(r.upstream, r.endpoint) for r in records] == [("spotify_api", "/v1/tracks/{id}")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from urllib.parse import unquote
 
 from ._settings import SPOTIFY_TEMPLATES
 
@@ -67,11 +68,11 @@ class TemplateMatcher:
         node.template = "/" + "/".join(_segments(template))
 
     def match(self, path: str) -> str:
-        """The template for a path (query string excluded), or ``UNMATCHED``."""
+        """The template for a path (query string excluded; percent-encoded or not)."""
         found = self._memo.get(path)
         if found is not None:
             return found
-        segments = _segments(path)
+        segments = _segments(unquote(path) if "%" in path else path)
         found = UNMATCHED
         if len(segments) <= _MAX_SEGMENTS:
             found = _walk(self._root, segments, 0) or UNMATCHED

@@ -63,12 +63,14 @@ class Guard:
             self.upstreams[name] = rt
             for entry in upstream.hosts:
                 host, port = _split_host(entry)
-                any_port, ports = self._hosts.get(host, (None, {}))
-                if port is None:
-                    any_port = rt
-                else:
-                    ports[port] = rt
-                self._hosts[host] = (any_port, ports)
+                # Clients name an internationalised host in ASCII (punycode): both forms match.
+                for form in dict.fromkeys((host, _ascii_host(host))):
+                    any_port, ports = self._hosts.get(form, (None, {}))
+                    if port is None:
+                        any_port = rt
+                    else:
+                        ports[port] = rt
+                    self._hosts[form] = (any_port, ports)
 
     # -- the hot path --------------------------------------------------------------------
 
@@ -213,3 +215,10 @@ def _split_host(entry: str) -> tuple[str, int | None]:
         return host, int(rest[1:]) if rest else None
     host, sep, port = entry.rpartition(":")
     return (host, int(port)) if sep else (entry, None)
+
+
+def _ascii_host(host: str) -> str:
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
