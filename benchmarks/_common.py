@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -77,7 +78,10 @@ async def interleaved(
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for run in variants.values():
         await run()
+    order = list(variants)
+    shuffle = random.Random(0).shuffle  # the same orders on every run
     for _ in range(rounds):
-        for name, run in variants.items():
-            samples[name].append(await run())
+        shuffle(order)  # no variant always runs first (or right after a costly one)
+        for name in order:
+            samples[name].append(await variants[name]())
     return samples

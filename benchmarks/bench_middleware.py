@@ -2,7 +2,8 @@
 
 Each variant is the same Starlette app (one route answering "ok"); requests are ASGI calls
 made directly (no server, no client), so the figure is the middleware's own work. Variants run
-interleaved in rounds; the ratio per variant is the median of per-round ratios to the bare app.
+interleaved in rounds, in a shuffled order; the ratio per variant is the median of per-round
+ratios to the bare app.
 Starlette's BaseHTTPMiddleware (a pass-through dispatch) is shown for scale.
 """
 
@@ -12,9 +13,10 @@ import asyncio
 import os
 import statistics
 import time
+from functools import partial
 from typing import Any
 
-from _common import table, write
+from _common import interleaved, table, write
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -86,11 +88,11 @@ async def send(message: Any) -> None:
     return None
 
 
-async def rate(app: Any) -> float:
+async def seconds_per_request(app: Any) -> float:
     start = time.perf_counter()
     for _ in range(CALLS):
         await app(dict(SCOPE), receive, send)
-    return CALLS / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / CALLS
 
 
 async def main() -> None:
@@ -104,12 +106,11 @@ async def main() -> None:
         "FastAPI, no middleware": make_fastapi([]),
         "FastAPI + UpstreamGuardMiddleware": make_fastapi([guard_mw]),
     }
-    samples: dict[str, list[float]] = {name: [] for name in apps}
-    for app in apps.values():  # warm up, and build each middleware stack
-        await rate(app)
-    for _ in range(ROUNDS):
-        for name, app in apps.items():
-            samples[name].append(await rate(app))
+    # Each sample is the requests/s of one round: interleaved() takes seconds per call.
+    seconds = await interleaved(
+        {name: partial(seconds_per_request, app) for name, app in apps.items()}, ROUNDS
+    )
+    samples = {name: [1 / s for s in got] for name, got in seconds.items()}
     uninstrument(guard)
     rows = []
     cost: dict[str, float] = {}
