@@ -25,6 +25,8 @@ def matcher() -> TemplateMatcher:
         ("/v1/me/top/tracks", "/v1/me/top/tracks"),
         ("/v1/me/top/genres", "/v1/me/top/{type}"),
         ("/v1/users/some%20user/playlists", "/v1/users/{user_id}/playlists"),
+        ("/v1/users/a%2Fb/playlists", "/v1/users/{user_id}/playlists"),
+        ("/v1/%6De", "/v1/me"),
         (
             "/v1/users/bob/playlists/37i9dQZF1DXcBWIGoYBM5M/tracks",
             "/v1/users/{user_id}/playlists/{playlist_id}/tracks",

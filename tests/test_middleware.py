@@ -500,6 +500,45 @@ def test_request_deadline_bounds_outbound_retries(clock):
     assert 0 < seen[0] <= 0.5
 
 
+def test_request_deadline_counts_from_the_request_not_from_the_call(clock):
+    """Reading a streamed upload uses the request's deadline up, once: each attempt gets the rest."""
+    from upstream_guard import GuardSettings
+
+    timeouts: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"]["read"])
+        return httpx.Response(503 if len(timeouts) == 1 else 200)
+
+    def trickle() -> Any:
+        clock.advance(3.0)
+        yield b"x"
+
+    app = FastAPI()
+
+    @app.put("/upload")
+    def upload() -> Any:
+        guard = app.state.upstream_guard
+        transport = guard.sync_transport(httpx.MockTransport(handler))
+        with httpx.Client(transport=transport, timeout=60) as c:
+            return c.put("http://api.test/v1/me", content=trickle()).status_code
+
+    settings = GuardSettings(
+        request_deadline_s=10,
+        upstreams={
+            "spotify_api": {
+                "hosts": ["api.test"],
+                "retry": {"backoff_base_s": 0, "backoff_max_s": 0},
+                "timeout": {"total_s": 20.0, "attempt_s": 10.0},
+            }
+        },
+    )
+    install(app, settings, clock=clock)
+    with TestClient(app) as client:
+        assert client.put("/upload").json() == 200
+    assert timeouts == [7.0, 7.0]
+
+
 def test_retry_after_header_is_whole_seconds_at_least_one(sim, sim_url, clock):
     """A sub-second cooldown still answers Retry-After: 1."""
     app = build_app(sim_url)

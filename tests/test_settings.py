@@ -122,3 +122,13 @@ def test_a_host_cannot_belong_to_two_upstreams():
     """Two upstreams claiming one host would make guarding ambiguous."""
     with pytest.raises(SettingsError, match=r"is also in upstreams\.spotify_api\.hosts"):
         GuardSettings(upstreams={"other": {"hosts": ["api.spotify.com"]}})
+
+
+@pytest.mark.parametrize(
+    "pair", [("bücher.de", "xn--bcher-kva.de"), ("straße.de:8443", "xn--strae-oqa.de:8443")]
+)
+def test_an_international_host_and_its_punycode_are_one_host(pair):
+    """Clients send the punycode: an upstream cannot take another's host in its other form."""
+    unicode, ascii_form = pair
+    with pytest.raises(SettingsError, match="is also in upstreams"):
+        GuardSettings(upstreams={"a": {"hosts": [unicode]}, "b": {"hosts": [ascii_form]}})

@@ -475,7 +475,7 @@ async def test_internationalised_hosts_and_encoded_paths_are_guarded(kind, clock
         return httpx.Response(503, text="no healthy upstream")
 
     shop = {
-        "hosts": ["Bücher.test"],
+        "hosts": ["Bücher.test", "straße.test"],  # IDNA 2008 keeps the ß (xn--strae-oqa)
         "templates": ["/v1/users/{user_id}/playlists"],
         "breaker": {"fail_max": 2},
         "retry": {"attempts": 1},
@@ -493,6 +493,8 @@ async def test_internationalised_hosts_and_encoded_paths_are_guarded(kind, clock
     assert guard.state("shop") == "open"
     with pytest.raises(CircuitOpenError):
         await call("GET", "https://xn--bcher-kva.test/v1/users/x/playlists")
+    with pytest.raises(CircuitOpenError):
+        await call("GET", "https://straße.test/v1/users/x/playlists")
 
 
 async def test_public_url_properties_stand_in_for_the_parsed_url(kind, clock, monkeypatch):
@@ -507,3 +509,33 @@ async def test_public_url_properties_stand_in_for_the_parsed_url(kind, clock, mo
     assert (await call("GET", "http://api.test/v1/tracks/a%20b")).status_code == 200
     assert (await call("GET", "http://other.test/v1/tracks/x")).status_code == 200
     assert [(r.upstream, r.endpoint) for r in records] == [("spotify_api", "/v1/tracks/{id}")]
+
+
+async def test_a_streamed_body_is_buffered_before_the_call_starts(kind, clock):
+    """Time spent reading a streamed upload is not an attempt's: no slow call, full timeout."""
+    timeouts: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"]["read"])
+        return httpx.Response(200)
+
+    upload = {
+        "hosts": ["upload.test"],
+        "breaker": {"slow_call_s": 2.0},
+        "timeout": {"total_s": 5.0, "attempt_s": 4.0},
+    }
+    guard = Guard(GuardSettings(upstreams={"upload": upload}), clock=clock)
+    call = caller(kind, guard, httpx.MockTransport(handler))
+
+    def trickle() -> Any:
+        clock.advance(3.0)  # the upload trickles in for 3 s before the guard can send it
+        yield b"x"
+
+    async def trickle_async() -> Any:
+        for chunk in trickle():
+            yield chunk
+
+    body = trickle_async() if kind == "async" else trickle()
+    assert (await call("PUT", "http://upload.test/a", content=body)).status_code == 200
+    assert timeouts == [4.0]
+    assert guard.upstreams["upload"].breakers["upload"].failures_total == 0

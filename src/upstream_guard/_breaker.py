@@ -183,8 +183,9 @@ class Breaker:
     def admit(self) -> Permit | None:
         """A permit for one attempt, or None when the breaker refuses it."""
         now = self._clock.monotonic()
+        generation = self.generation  # before the state: a transition in between makes it stale
         if self.current == CLOSED:  # the hot path: no lock, no pybreaker
-            return Permit(self, self.generation, False, now)
+            return Permit(self, generation, False, now)
         with self._lock:
             if self.current == OPEN:
                 if now < self._opened_at + self.settings.reset_timeout_s:

@@ -37,7 +37,8 @@ def spotify_templates() -> tuple[str, ...]:
 
 
 def _segments(path: str) -> list[str]:
-    return [s for s in path.split("/") if s]
+    # Decoded after the split, so that an encoded slash (%2F) stays inside its segment.
+    return [unquote(s) if "%" in s else s for s in path.split("/") if s]
 
 
 class TemplateMatcher:
@@ -72,7 +73,7 @@ class TemplateMatcher:
         found = self._memo.get(path)
         if found is not None:
             return found
-        segments = _segments(unquote(path) if "%" in path else path)
+        segments = _segments(path)
         found = UNMATCHED
         if len(segments) <= _MAX_SEGMENTS:
             found = _walk(self._root, segments, 0) or UNMATCHED

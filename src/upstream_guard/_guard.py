@@ -12,7 +12,7 @@ from ._clock import Clock, SystemClock
 from ._context import RequestContext
 from ._httpx import HTTPX, Flavor, transport_classes
 from ._pipeline import CallRecord, Hook, UpstreamRuntime
-from ._settings import GuardSettings
+from ._settings import GuardSettings, ascii_host
 
 if TYPE_CHECKING:
     from ._redis import SharedState
@@ -63,8 +63,8 @@ class Guard:
             self.upstreams[name] = rt
             for entry in upstream.hosts:
                 host, port = _split_host(entry)
-                # Clients name an internationalised host in ASCII (punycode): both forms match.
-                for form in dict.fromkeys((host, _ascii_host(host))):
+                # Clients send an internationalised host in ASCII (punycode): both forms match.
+                for form in dict.fromkeys((host, ascii_host(host))):
                     any_port, ports = self._hosts.get(form, (None, {}))
                     if port is None:
                         any_port = rt
@@ -215,10 +215,3 @@ def _split_host(entry: str) -> tuple[str, int | None]:
         return host, int(rest[1:]) if rest else None
     host, sep, port = entry.rpartition(":")
     return (host, int(port)) if sep else (entry, None)
-
-
-def _ascii_host(host: str) -> str:
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return host

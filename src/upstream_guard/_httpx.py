@@ -117,7 +117,7 @@ _HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 
 
 def _result(status: int, headers: Any, body: bytes) -> AttemptResult:
-    """The result of an answer (a healthy one is looked up first: ``_HEALTHY.get(status)``)."""
+    """The result of an answer not in ``_HEALTHY`` (callers look there first)."""
     if status < 400:
         return AttemptResult(status=status)
     return AttemptResult(status=status, retry_after=headers.get("retry-after"), body=body)
@@ -214,9 +214,12 @@ async def _attempt_async(  # noqa: PLR0917 - bound by partial on the hot path
     action: Attempt,
 ) -> tuple[Any, AttemptResult]:
     seconds = action.timeout_s
-    # Inline: the check runs on every attempt; the client's own timeouts are seldom longer.
-    if not original or None in (v := original.values()) or max(v) > seconds:  # type: ignore[type-var,operator]
-        _cap_timeouts(request, original, seconds)
+    # Inline, a loop (cheaper than ``max``): the check runs on every attempt, and the client's
+    # own timeouts are seldom longer than the attempt's.
+    for limit in original.values() if original else (None,):
+        if limit is None or limit > seconds:
+            _cap_timeouts(request, original, seconds)
+            break
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         if cancel_scope:
@@ -249,9 +252,12 @@ def _attempt_sync(  # noqa: PLR0917 - bound by partial on the hot path
     action: Attempt,
 ) -> tuple[Any, AttemptResult]:
     seconds = action.timeout_s
-    # Inline: the check runs on every attempt; the client's own timeouts are seldom longer.
-    if not original or None in (v := original.values()) or max(v) > seconds:  # type: ignore[type-var,operator]
-        _cap_timeouts(request, original, seconds)
+    # Inline, a loop (cheaper than ``max``): the check runs on every attempt, and the client's
+    # own timeouts are seldom longer than the attempt's.
+    for limit in original.values() if original else (None,):
+        if limit is None or limit > seconds:
+            _cap_timeouts(request, original, seconds)
+            break
     span = _attempt_span(record, action, request) if record.span is not None else None
     try:
         response = send(request)
@@ -280,9 +286,9 @@ async def drive_async(
 ) -> Any:
     """Run one guarded call, sending each attempt with ``send``."""
     ctx = request_context.get()  # once per call: deadline, body watch, the request's record
-    record = _record(rt, request, flavor)
     if request.method in rt.replay_methods and type(request.stream) is not flavor.byte_stream:
-        await request.aread()  # a retry must be able to send the body again
+        await request.aread()  # a retry must be able to send the body again (bytes can)
+    record = _record(rt, request, flavor)  # after the body: the call's time starts at the send
     original = request.extensions.get("timeout")
     key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None
@@ -330,9 +336,9 @@ def drive_sync(
 ) -> Any:
     """Run one guarded call in this thread, sending each attempt with ``send``."""
     ctx = request_context.get()  # once per call: deadline, body watch, the request's record
-    record = _record(rt, request, flavor)
     if request.method in rt.replay_methods and type(request.stream) is not flavor.byte_stream:
-        request.read()  # a retry must be able to send the body again (bytes already can)
+        request.read()  # a retry must be able to send the body again (bytes can)
+    record = _record(rt, request, flavor)  # after the body: the call's time starts at the send
     original = request.extensions.get("timeout")
     key = None if rt.stale is None else _stale_key(rt, request)
     token = guarding.set(True) if context.state.patched else None

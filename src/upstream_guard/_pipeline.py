@@ -268,12 +268,16 @@ def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in o
                     raise
                 assert sent is not None  # noqa: S101 - the drivers always send a result
                 result = sent
-            status = result.status
-            if status is not None and status < 400:  # the common case, inline
-                outcome, reason = Outcome.SUCCESS, "ok"
-            else:
-                outcome, reason = classify_result(result)
-            breaker.record(permit, outcome, reason)
+            try:
+                status = result.status
+                if status is not None and status < 400:  # the common case, inline
+                    outcome, reason = Outcome.SUCCESS, "ok"
+                else:
+                    outcome, reason = classify_result(result)
+                breaker.record(permit, outcome, reason)
+            except BaseException:  # whatever happens, a probe slot is never kept
+                breaker.release(permit)
+                raise
             record.status = last_status = result.status
             record.outcome, record.reason = outcome, reason
             retry_after = None
@@ -354,6 +358,7 @@ def _fast_start(
     if rt.bulkhead is not None or rt.cooldown.until > record.started:
         return None
     breaker = rt.breaker or rt.breaker_for(record.endpoint)
+    generation = breaker.generation  # before the state: a transition in between makes it stale
     if breaker.current != CLOSED:
         return None
     rt.budget.deposit()
@@ -361,7 +366,7 @@ def _fast_start(
     opening = rt.first_attempt
     if deadline_s is not None and deadline_s < opening.timeout_s:
         opening = Attempt(1, deadline_s)
-    return Permit(breaker, breaker.generation, False, record.started), opening
+    return Permit(breaker, generation, False, record.started), opening
 
 
 def _fast_done(rt: UpstreamRuntime, record: CallRecord, permit: Permit, status: int | None) -> bool:

@@ -34,7 +34,7 @@ class RetryBudget:
         """A call started: it earns ``ratio`` of a retry."""
         # No lock on the hot path: a deposit lost to a thread race costs a fifth of a retry.
         tokens = self._tokens + self._ratio
-        self._tokens = tokens if tokens < self._cap else self._cap  # min(), without the call
+        self._tokens = tokens if tokens < self._cap else self._cap  # noqa: FURB136 - no call
 
     def try_withdraw(self, now: float) -> bool:
         """Spend one retry if the bucket has one."""

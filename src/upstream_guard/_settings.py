@@ -8,6 +8,7 @@ from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
+import idna
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -196,6 +197,21 @@ def _parse_host(entry: str) -> str:
     if sep and (not host or not port.isdigit() or not 0 < int(port) < 65536):
         raise ValueError(f"hosts entries are 'host' or 'host:port', not {entry!r}")
     return text
+
+
+def ascii_host(entry: str) -> str:
+    """A ``host`` or ``host:port`` entry with the host as clients send it.
+
+    That is IDNA 2008 (as httpx encodes it) for an internationalised name; anything else
+    stays as it is.
+    """
+    if entry.isascii():
+        return entry
+    host, sep, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+    try:
+        return idna.encode(host).decode("ascii") + sep + port
+    except (idna.IDNAError, UnicodeError):
+        return entry
 
 
 class UpstreamSettings(_Group):
@@ -391,7 +407,8 @@ class GuardSettings(BaseSettings):
     def _hosts_unique(cls, value: dict[str, UpstreamSettings]) -> dict[str, UpstreamSettings]:
         owner: dict[str, str] = {}
         for name, upstream in value.items():
-            for host in upstream.hosts:
+            # An internationalised name and its punycode are one host.
+            for host in dict.fromkeys(form for h in upstream.hosts for form in (h, ascii_host(h))):
                 if host in owner and owner[host] != name:
                     other = ENV_PREFIX + f"UPSTREAMS__{name.upper()}__HOSTS"
                     raise ValueError(
