@@ -4,7 +4,10 @@ Each variant is the same Starlette app (one route answering "ok"); requests are 
 made directly (no server, no client), so the figure is the middleware's own work. Variants run
 interleaved in rounds, in a shuffled order; the ratio per variant is the median of per-round
 ratios to the bare app.
-Starlette's BaseHTTPMiddleware (a pass-through dispatch) is shown for scale.
+Starlette's BaseHTTPMiddleware (a pass-through dispatch) is shown for scale, and two reference
+middlewares show the least that per-request attribution costs: a context variable set and
+reset per request (how an outbound call finds its request), and that plus a ``send`` wrapper
+that knows whether the response started (without which no fallback can be sent safely).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import os
 import statistics
 import time
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -48,6 +52,47 @@ class PureASGIPassThrough:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
+
+
+_request: ContextVar[Any] = ContextVar("bench_request", default=None)
+
+
+class ContextVarOnly:
+    """What any middleware that lets outbound calls find their request must do at least:
+    set a context variable for the request and reset it after."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        token = _request.set(scope)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _request.reset(token)
+
+
+class ContextVarAndSendWrapper:
+    """``ContextVarOnly`` plus the least ``send`` wrapper that knows whether the response has
+    started (without which no fallback can be sent safely)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def wrapped(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        token = _request.set(scope)
+        try:
+            await self.app(scope, receive, wrapped)
+        finally:
+            _request.reset(token)
 
 
 def make_app(middleware: list[Middleware]) -> Starlette:
@@ -102,9 +147,17 @@ async def main() -> None:
         "Starlette, no middleware": make_app([]),
         "Starlette + UpstreamGuardMiddleware": make_app([guard_mw]),
         "Starlette + pure ASGI pass-through (floor)": make_app([Middleware(PureASGIPassThrough)]),
+        "Starlette + context variable only (reference)": make_app([Middleware(ContextVarOnly)]),
+        "Starlette + context variable and send wrapper (reference)": make_app(
+            [Middleware(ContextVarAndSendWrapper)]
+        ),
         "Starlette + BaseHTTPMiddleware pass-through": make_app([Middleware(PassThrough)]),
         "FastAPI, no middleware": make_fastapi([]),
         "FastAPI + UpstreamGuardMiddleware": make_fastapi([guard_mw]),
+        "FastAPI + pure ASGI pass-through (floor)": make_fastapi([Middleware(PureASGIPassThrough)]),
+        "FastAPI + context variable and send wrapper (reference)": make_fastapi(
+            [Middleware(ContextVarAndSendWrapper)]
+        ),
     }
     # Each sample is the requests/s of one round: interleaved() takes seconds per call.
     seconds = await interleaved(
