@@ -501,7 +501,7 @@ async def test_public_url_properties_stand_in_for_the_parsed_url(kind, clock, mo
     """Should httpx drop its parsed URL, host and path come from the public properties."""
     from upstream_guard._httpx import HTTPX
 
-    monkeypatch.setattr(HTTPX, "parsed_urls", False)
+    monkeypatch.setattr(HTTPX, "parsed", lambda url: url)  # what a Flavor without it uses
     guard = Guard(make_settings("http://api.test"), clock=clock)
     records: list[Any] = []
     guard.hooks.append(records.append)

@@ -10,6 +10,7 @@ instrumented ``HTTPTransport`` classes (``install(app)``).
 from __future__ import annotations
 
 import inspect
+import operator
 import types
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -46,8 +47,12 @@ class Flavor:
         # httpx keeps a URL parsed (``URL._uri_reference``: host lowercased and in ASCII,
         # default port dropped, path still percent-encoded). Reading host and path there
         # saves two property calls and an unquote on every call; the public properties stand
-        # in if a version lacks it.
-        self.parsed_urls = hasattr(module.URL("http://x/"), "_uri_reference")
+        # in if a version lacks it. ``parsed(url)`` has both (an attrgetter: no Python frame).
+        self.parsed: Callable[[Any], Any] = (
+            operator.attrgetter("_uri_reference")
+            if hasattr(module.URL("http://x/"), "_uri_reference")
+            else _itself
+        )
         self.async_http_transport: type[Any] = module.AsyncHTTPTransport
         self.sync_http_transport: type[Any] = module.HTTPTransport
         self._errors: dict[type[UpstreamUnavailable], type[Exception]] = {}
@@ -77,6 +82,10 @@ class Flavor:
         return "network_error"
 
 
+def _itself(url: Any) -> Any:
+    return url
+
+
 HTTPX = Flavor(httpx)
 
 
@@ -89,14 +98,9 @@ def _cap_timeouts(request: Any, original: dict[str, float | None] | None, second
     }
 
 
-def parsed(url: Any, flavor: Flavor) -> Any:
-    """``url``'s host, port, scheme and path, the fastest way (see ``Flavor.parsed_urls``)."""
-    return url._uri_reference if flavor.parsed_urls else url  # noqa: SLF001
-
-
 def _record(rt: UpstreamRuntime, request: Any, flavor: Flavor) -> CallRecord:
     url = request.url
-    path = (url._uri_reference if flavor.parsed_urls else url).path  # noqa: SLF001 - ``parsed``
+    path = flavor.parsed(url).path
     record = CallRecord(rt.name, rt.matcher.match(path), request.method, rt.clock.monotonic())
     if telemetry.TRACE_API["_TRACER_PROVIDER"] is not None and telemetry.tracing_on():
         own_spans = flavor is not HTTPX or not telemetry.official_instrumentation("httpx")
@@ -399,7 +403,7 @@ class AsyncGuardedTransport:
 
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
-        rt = self._guard.match(parsed(request.url, self.flavor))
+        rt = self._guard.match(self.flavor.parsed(request.url))
         if rt is None:
             return await self._inner.handle_async_request(request)
         return await drive_async(
@@ -437,7 +441,7 @@ class SyncGuardedTransport:
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
-        rt = self._guard.match(parsed(request.url, self.flavor))
+        rt = self._guard.match(self.flavor.parsed(request.url))
         if rt is None:
             return self._inner.handle_request(request)
         return drive_sync(self._guard, rt, request, self._inner.handle_request, flavor=self.flavor)

@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ._context import guarding, request_context, state
-from ._httpx import HTTPX, Flavor, drive_async, drive_sync, parsed
+from ._httpx import HTTPX, Flavor, drive_async, drive_sync
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -103,7 +103,7 @@ def _async_patch(flavor: Flavor) -> Any:
             guard = active_guard()
             if guard is None or guarding.get():
                 return await original(self, request)
-            rt = guard.match(parsed(request.url, flavor))
+            rt = guard.match(flavor.parsed(request.url))
             if rt is None:
                 return await original(self, request)
             send = functools.partial(original, self)
@@ -120,7 +120,7 @@ def _sync_patch(flavor: Flavor) -> Any:
             guard = active_guard()
             if guard is None or guarding.get():
                 return original(self, request)
-            rt = guard.match(parsed(request.url, flavor))
+            rt = guard.match(flavor.parsed(request.url))
             if rt is None:
                 return original(self, request)
             return drive_sync(guard, rt, request, functools.partial(original, self), flavor=flavor)
