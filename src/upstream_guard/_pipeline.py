@@ -353,13 +353,18 @@ def _fast_start(
     """The first attempt, when nothing stands in its way; None leaves it to ``guarded_call``.
 
     Nothing in the way: a closed breaker (which admits every call), no cooldown, no
-    bulkhead. Does the bookkeeping of ``_admission`` (the retry budget's deposit).
+    bulkhead. Does the bookkeeping of ``_admission`` (the retry budget's deposit). An open
+    breaker before its reset timeout refuses here, as ``guarded_call`` would.
     """
     if rt.bulkhead is not None or rt.cooldown.until > record.started:
         return None
     breaker = rt.breaker or rt.breaker_for(record.endpoint)
     generation = breaker.generation  # before the state: a transition in between makes it stale
     if breaker.current != CLOSED:
+        if breaker.current == OPEN and breaker.retry_after_s() > 0:
+            rt.budget.deposit()  # as _admission does before the refusal
+            record.duration_s = rt.clock.monotonic() - record.started
+            raise _refusal(rt, record, breaker)
         return None
     rt.budget.deposit()
     record.attempts = 1
