@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_amplification.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_outage_drill.py
+	$(BIN)/python benchmarks/bench_redis.py
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
