@@ -141,11 +141,10 @@ class UpstreamRuntime:
         # The fast path's first attempt (attempts are never changed): one object for all.
         self.first_attempt = Attempt(1, min(self.total_s, self.attempt_s))
         self._state_hooks = state_hooks
-        self._per_endpoint = settings.breaker.scope == "endpoint"
         self.breakers: dict[str, Breaker] = {}
         self.breaker: Breaker | None = None
         """The upstream's one breaker (None with ``scope = endpoint``)."""
-        if not self._per_endpoint:
+        if settings.breaker.scope == "upstream":
             self.breaker = self.breakers[name] = Breaker(name, settings.breaker, clock, state_hooks)
 
     def breaker_for(self, endpoint: str) -> Breaker:
