@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -11,6 +12,11 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import httpx
+
+from upstream_guard import CircuitOpenError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,3 +91,32 @@ async def interleaved(
         for name in order:
             samples[name].append(await variants[name]())
     return samples
+
+
+def transport_costs(
+    guard: Any, inner: Any, url: str, other: str, calls: int
+) -> dict[str, Callable[[], Awaitable[float]]]:
+    """What the guard's async transport does before ``inner`` is reached, as three timers.
+
+    ``inner``: the inner transport alone, on a host no upstream claims; ``pass-through``: the
+    guard's transport passing that host on; ``refusal``: a second guard, its breaker forced
+    open, refusing ``url``. Each returns seconds per call over ``calls`` calls.
+    """
+    open_guard = type(guard)(guard.settings)
+    open_guard.upstreams["spotify_api"].breakers["spotify_api"].force_open()
+    open_transport = open_guard.async_transport(inner)
+    pass_transport = guard.async_transport(inner)
+    refused_request = httpx.Request("GET", url)
+    other_request = httpx.Request("GET", other)
+
+    async def refused() -> None:
+        with contextlib.suppress(CircuitOpenError):
+            await open_transport.handle_async_request(refused_request)
+
+    return {
+        "inner": lambda: per_call(lambda: inner.handle_async_request(other_request), calls),
+        "pass-through": lambda: per_call(
+            lambda: pass_transport.handle_async_request(other_request), calls
+        ),
+        "refusal": lambda: per_call(refused, calls),
+    }

@@ -36,13 +36,13 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 import pybreaker
 import stamina
-from _common import interleaved, per_call, table, write
+from _common import interleaved, per_call, table, transport_costs, write
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from tenacity import wait_random_exponential as wait_exp
 
-from upstream_guard import CircuitOpenError, Guard, GuardSettings
+from upstream_guard import Guard, GuardSettings
 
 URL = "https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
 OTHER = "https://i.scdn.co/image/ab67616d0000b273"
@@ -158,16 +158,8 @@ async def main() -> None:
             return check(await bare.get(URL))
 
     # Transport level: what the guard does before the inner transport is reached.
-    open_guard = Guard(GuardSettings())
-    open_guard.upstreams["spotify_api"].breakers["spotify_api"].force_open()
-    open_transport = open_guard.async_transport(mock)
-    pass_transport = guard.async_transport(mock)
+    ours = transport_costs(guard, mock, URL, OTHER, TRANSPORT_CALLS)
     guarded_request = httpx.Request("GET", URL)
-    other_request = httpx.Request("GET", OTHER)
-
-    async def guard_refusal() -> None:
-        with contextlib.suppress(CircuitOpenError):
-            await open_transport.handle_async_request(guarded_request)
 
     # The same refusal in the alternatives, for scale.
     open_pybreaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=3600, name="open")
@@ -197,13 +189,9 @@ async def main() -> None:
         "purgatory (breaker only)": lambda: per_call(purgatory_call, CALLS),
     }
     transport: dict[str, Variant] = {
-        "inner transport alone, other host": lambda: per_call(
-            lambda: mock.handle_async_request(other_request), TRANSPORT_CALLS
-        ),
-        "guard transport, other host (pass-through)": lambda: per_call(
-            lambda: pass_transport.handle_async_request(other_request), TRANSPORT_CALLS
-        ),
-        "guard transport, open breaker (refusal)": lambda: per_call(guard_refusal, TRANSPORT_CALLS),
+        "inner transport alone, other host": ours["inner"],
+        "guard transport, other host (pass-through)": ours["pass-through"],
+        "guard transport, open breaker (refusal)": ours["refusal"],
         "pybreaker calling(), open breaker": lambda: per_call(pybreaker_refusal, TRANSPORT_CALLS),
         "purgatory, open breaker": lambda: per_call(purgatory_refusal, TRANSPORT_CALLS),
     }

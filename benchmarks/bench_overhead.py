@@ -14,7 +14,6 @@ the bare and the guarded sync call; pass --no-callgrind to skip that part.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -27,9 +26,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-from _common import interleaved, per_call, table, write
+from _common import interleaved, per_call, table, transport_costs, write
 
-from upstream_guard import CircuitOpenError, Guard, GuardSettings
+from upstream_guard import Guard, GuardSettings
 
 URL = "https://api.spotify.com/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
 OTHER = "https://i.scdn.co/image/ab67616d0000b273"
@@ -57,29 +56,16 @@ async def main() -> None:
     guarded_sync = httpx.Client(transport=guard.sync_transport(mock))
 
     # Transport-level costs: what the guard adds before the inner transport is reached.
-    open_guard = Guard(GuardSettings())
-    open_guard.upstreams["spotify_api"].breakers["spotify_api"].force_open()
-    open_transport = open_guard.async_transport(mock)
-    pass_transport = guard.async_transport(mock)
-    refused_request = httpx.Request("GET", URL)
-    other_request = httpx.Request("GET", OTHER)
-
-    async def refused() -> None:
-        with contextlib.suppress(CircuitOpenError):
-            await open_transport.handle_async_request(refused_request)
+    transport = transport_costs(guard, mock, URL, OTHER, 2000)
 
     variants: dict[str, Callable[[], Awaitable[float]]] = {
         "async bare": lambda: per_call(lambda: bare.get(URL), CALLS),
         "async guarded": lambda: per_call(lambda: guarded.get(URL), CALLS),
         "sync bare": lambda: asyncio.sleep(0, per_call_sync(lambda: bare_sync.get(URL))),
         "sync guarded": lambda: asyncio.sleep(0, per_call_sync(lambda: guarded_sync.get(URL))),
-        "transport: inner only, other host": lambda: per_call(
-            lambda: mock.handle_async_request(other_request), 2000
-        ),
-        "transport: guard, other host (pass-through)": lambda: per_call(
-            lambda: pass_transport.handle_async_request(other_request), 2000
-        ),
-        "transport: guard, open breaker (refusal)": lambda: per_call(refused, 2000),
+        "transport: inner only, other host": transport["inner"],
+        "transport: guard, other host (pass-through)": transport["pass-through"],
+        "transport: guard, open breaker (refusal)": transport["refusal"],
     }
     samples = await interleaved(variants, ROUNDS)
     med = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
