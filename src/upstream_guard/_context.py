@@ -57,8 +57,12 @@ class RequestContext:
         elif outcome == "stale":
             self.stale = True
 
-    async def send(self, message: Message) -> None:
-        """The app's ``send``: remembers the start, adds Server-Timing to it."""
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: remembers the start, adds Server-Timing to it.
+
+        A plain function returning the server's awaitable: no coroutine of its own for each
+        message the app sends.
+        """
         if message["type"] == "http.response.start":
             self.started = True
             if self.used:
@@ -68,7 +72,7 @@ class RequestContext:
                     parts = [f"{name};dur={s * 1000:.1f}" for name, s in self.used.items()]
                     header = (b"server-timing", ", ".join(parts).encode("latin-1"))
                     message["headers"] = [*message.get("headers", ()), header]
-        await self.server_send(message)
+        return self.server_send(message)
 
 
 request_context: ContextVar[RequestContext | None] = ContextVar(

@@ -44,15 +44,15 @@ class UpstreamGuardMiddleware:
         self._deadline_s = self.guard.settings.request_deadline_s
         # None unless dashboard_path is set: then it also keeps recent calls (a guard hook).
         self._dashboard = Dashboard(self.guard) if self.guard.settings.dashboard_path else None
+        # The paths answered here rather than by the app: one set lookup per request.
+        self._own_paths = frozenset(
+            {self._health_path, *(self._dashboard.paths if self._dashboard else ())}
+        )
         instrument(self.guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Guard an http request; health, dashboard, lifespan and the rest are dispatched."""
-        if (
-            scope["type"] != "http"
-            or scope["path"] == self._health_path
-            or (self._dashboard is not None and scope["path"] in self._dashboard.paths)
-        ):
+        if scope["type"] != "http" or scope["path"] in self._own_paths:
             await self._dispatch(scope, receive, send)
             return
         # A request to the app, handled here rather than in a method of its own: one
