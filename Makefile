@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy --strict src
 
-# All benchmarks, about 8 minutes on two cores; each writes benchmarks/results/<name>.md.
+# All benchmarks, about 12 minutes on two cores; each writes benchmarks/results/<name>.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_middleware.py

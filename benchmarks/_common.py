@@ -6,8 +6,11 @@ import contextlib
 import os
 import platform
 import random
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -120,3 +123,80 @@ def transport_costs(
         ),
         "refusal": lambda: per_call(refused, calls),
     }
+
+
+def instructions_per_call(script: str, args: list[str], short: int, long: int) -> float:
+    """Instructions per call of ``script`` by callgrind (the same count on every run).
+
+    The script is run twice under valgrind, with ``args`` followed by a call count of
+    ``short`` then ``long``; start-up and warm-up cancel in the difference. The benchmarks
+    directory is on the script's path.
+    """
+
+    def run(calls: int) -> int:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "calls.py"
+            path.write_text(script)
+            out = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={tmp}/cg.out",
+                    sys.executable,
+                    str(path),
+                    *args,
+                    str(calls),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(Path(__file__).parent)},
+            )
+        match = re.search(r"refs:\s+([\d,]+)", out.stderr)
+        if match is None:
+            raise RuntimeError(f"no instruction count in valgrind's output: {out.stderr[-500:]}")
+        return int(match.group(1).replace(",", ""))
+
+    return (run(long) - run(short)) / (long - short)
+
+
+MARK = "os.getppid()"
+"""What a script measured by ``instructions_between_marks`` calls at each mark (callgrind
+dumps its counts when CPython's ``os_getppid`` is entered; nothing else here calls it)."""
+
+
+def instructions_between_marks(script: str, args: list[str]) -> list[int]:
+    """Instructions from each mark to the next in one callgrind run of ``script``.
+
+    One run measures several loops, so the interpreter's start-up (most of the time under
+    valgrind) is paid once. The benchmarks directory is on the script's path.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "marked.py"
+        path.write_text(script)
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--dump-before=os_getppid",
+                f"--callgrind-out-file={tmp}/cg.out",
+                sys.executable,
+                str(path),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(Path(__file__).parent)},
+        )
+        # cg.out.1 holds everything up to the first mark, cg.out.N the stretch ending at the
+        # N-th mark, cg.out what followed the last.
+        counts = []
+        number = 2
+        while (dump := Path(tmp) / f"cg.out.{number}").exists():
+            match = re.search(r"^summary:\s+(\d+)", dump.read_text(), re.MULTILINE)
+            if match is None:
+                raise RuntimeError(f"no summary line in callgrind's dump {dump.name}")
+            counts.append(int(match.group(1)))
+            number += 1
+    return counts

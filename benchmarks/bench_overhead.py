@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
-from _common import interleaved, per_call, table, transport_costs, write
+from _common import (
+    instructions_per_call,
+    interleaved,
+    per_call,
+    table,
+    transport_costs,
+    write,
+)
 
 from upstream_guard import Guard, GuardSettings
 
@@ -127,35 +130,11 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def _instructions(variant: str, calls: int) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "client.py"
-        script.write_text(_CALLGRIND_CLIENT)
-        out = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={tmp}/cg.out",
-                sys.executable,
-                str(script),
-                variant,
-                str(calls),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    match = re.search(r"refs:\s+([\d,]+)", out.stderr)
-    assert match, out.stderr
-    return int(match.group(1).replace(",", ""))
-
-
 def callgrind_section() -> str:
     """Instructions per call, from the difference of a short and a long run (start-up cancels)."""
     per_call = {}
     for variant in ("bare", "guarded"):
-        short, long = _instructions(variant, 200), _instructions(variant, 1200)
-        per_call[variant] = (long - short) / 1000
+        per_call[variant] = instructions_per_call(_CALLGRIND_CLIENT, [variant], 200, 1200)
     ratio = per_call["guarded"] / per_call["bare"]
     rows = [
         ["sync bare", f"{per_call['bare']:,.0f}", "1.000x"],
