@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -74,6 +76,21 @@ class RequestContext:
                     message["headers"] = [*message.get("headers", ()), header]
         return self.server_send(message)
 
+
+def _mark_coroutine_function(function: Callable[..., Any]) -> None:
+    """Have ``function``, a plain function returning an awaitable, pass as a coroutine function.
+
+    asgiref's ``AsyncToSync`` (WSGI apps behind ``WsgiToAsgi``) warns about a ``send`` that
+    is not marked as one.
+    """
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:  # Python 3.12+
+        mark(function)
+    else:  # Python 3.11: what asyncio.iscoroutinefunction looks for
+        function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]  # noqa: SLF001
+
+
+_mark_coroutine_function(RequestContext.send)
 
 request_context: ContextVar[RequestContext | None] = ContextVar(
     "upstream_guard_request", default=None
