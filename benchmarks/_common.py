@@ -125,6 +125,13 @@ def transport_costs(
     }
 
 
+def _valgrind_env() -> dict[str, str]:
+    """The environment of a counted script: hashing fixed, the benchmarks directory first on
+    its path (ahead of any PYTHONPATH already set)."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": path}
+
+
 def instructions_per_call(script: str, args: list[str], short: int, long: int) -> float:
     """Instructions per call of ``script`` by callgrind (the same count on every run).
 
@@ -150,7 +157,7 @@ def instructions_per_call(script: str, args: list[str], short: int, long: int) -
                 capture_output=True,
                 text=True,
                 check=True,
-                env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(Path(__file__).parent)},
+                env=_valgrind_env(),
             )
         match = re.search(r"refs:\s+([\d,]+)", out.stderr)
         if match is None:
@@ -187,7 +194,7 @@ def instructions_between_marks(script: str, args: list[str]) -> list[int]:
             capture_output=True,
             text=True,
             check=True,
-            env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(Path(__file__).parent)},
+            env=_valgrind_env(),
         )
         # cg.out.1 holds everything up to the first mark, cg.out.N the stretch ending at the
         # N-th mark, cg.out what followed the last.

@@ -1,18 +1,21 @@
 """The middleware's added cost on a trivial route, in-process, against no middleware.
 
 Each variant is the same app (one route answering "ok", on Starlette and on FastAPI) with one
-middleware or none, measured in one run with no server and no network:
+middleware or none, measured in one run with no server and no network, two ways:
 
-- requests: requests per second as an in-process client sees them, an ``httpx.AsyncClient``
-  over ``httpx.ASGITransport``. This is the goal's figure (at most 3% fewer requests/s). Each
+- bare ASGI calls: the app called directly, no client, so the figure is the middleware's own
+  work against the framework's alone. This is the goal as written (at most 3% fewer
+  requests/s). On a trivial Starlette route even a middleware that only forwards the call
+  costs about 3% measured this way.
+- requests through an in-process client, an ``httpx.AsyncClient`` over
+  ``httpx.ASGITransport``: requests/s as a caller sees them. The client does most of the work
+  here (about nine tenths of the instructions), so this reading is far easier to meet. Each
   sample builds its app and client afresh, so that no variant keeps a lucky or unlucky memory
   layout for the whole run.
-- bare ASGI calls: the app called directly, no client, so the figure is the middleware's own
-  work against the framework's alone. Even a middleware that only forwards the call costs
-  about 3% of a trivial Starlette route measured this way, so this table is for microseconds.
-- instructions per request (callgrind, the same count on every run) for both, where valgrind
-  is installed; pass --no-callgrind to skip. Wall-clock ratios on this shared VM move by a
-  few percent between runs, more than the difference being measured.
+
+Wall-clock ratios on this shared VM move by about 3% between runs, as much as the goal, so
+where valgrind is installed callgrind also counts instructions per request for both (the
+same count on every run; the collector is off while counting). Pass --no-callgrind to skip.
 
 Variants run interleaved in rounds, in a shuffled order; the ratio per variant is the median
 of per-round ratios to the bare app. Starlette's BaseHTTPMiddleware (a pass-through dispatch)
@@ -56,6 +59,7 @@ GOAL_PERCENT = 3
 NONE = "no middleware"
 OURS = "UpstreamGuardMiddleware"
 REFERENCE = "context variable and send wrapper (reference)"
+FLOOR = "pure ASGI pass-through (floor)"
 
 
 async def ok(request: Any) -> PlainTextResponse:
@@ -144,7 +148,7 @@ def middlewares(guard: Guard) -> dict[str, list[Middleware]]:
     return {
         NONE: [],
         OURS: [Middleware(UpstreamGuardMiddleware, guard=guard)],
-        "pure ASGI pass-through (floor)": [Middleware(PureASGIPassThrough)],
+        FLOOR: [Middleware(PureASGIPassThrough)],
         "context variable only (reference)": [Middleware(ContextVarOnly)],
         REFERENCE: [Middleware(ContextVarAndSendWrapper)],
         "BaseHTTPMiddleware pass-through": [Middleware(PassThrough)],
@@ -234,9 +238,9 @@ async def main():
         for _ in range(50):
             await clients[variant].get("/")
             await apps[variant](dict(bench.SCOPE), bench.receive, bench.send)
-    # A full collection falling in one count and not another would swamp the difference.
+    # A collection falling in one count and not another would swamp the difference.
     gc.collect()
-    gc.freeze()
+    gc.disable()
     {MARK}
     for variant in bench.COUNTED:
         for _ in range(requests):
@@ -247,14 +251,14 @@ async def main():
         {MARK}
 asyncio.run(main())
 """
-COUNTED = (NONE, OURS, REFERENCE)
+COUNTED = (NONE, OURS, FLOOR, REFERENCE)
 COUNT_REQUESTS = 200
 COUNT_CALLS = 1000
 
 
 def callgrind_section() -> tuple[str, dict[str, float]]:
-    """Instructions per request of the bare app, ours and the reference, through the client
-    and as bare calls; and our cost by instructions in percent, keyed "framework level"."""
+    """Instructions per request of the counted variants, through the client and as bare
+    calls; and our cost by instructions in percent, keyed "framework level"."""
     args = [str(COUNT_REQUESTS), str(COUNT_CALLS)]
     with ThreadPoolExecutor(max_workers=len(FRAMEWORKS)) as pool:
         runs = {
@@ -294,14 +298,21 @@ def callgrind_section() -> tuple[str, dict[str, float]]:
     return text, cost
 
 
-def _verdict(cost: float) -> str:
-    return "yes" if cost <= GOAL_PERCENT else "NO"
+LEVELS = {"calls": "bare ASGI calls (as written)", "requests": "through an in-process client"}
 
 
 async def main(callgrind: tuple[str, dict[str, float]] | None) -> None:
     """Time every variant both ways and write the results, with ``callgrind``'s if given."""
     guard = Guard(GuardSettings())
     by_kind = middlewares(guard)
+    by_call = await interleaved(
+        {
+            label(framework, variant): partial(seconds_per_call, make(by_kind[variant]))
+            for framework, make in FRAMEWORKS.items()
+            for variant in by_kind
+        },
+        ROUNDS,
+    )
     by_request = await interleaved(
         {
             label(framework, variant): partial(seconds_per_request, partial(make, by_kind[variant]))
@@ -311,66 +322,43 @@ async def main(callgrind: tuple[str, dict[str, float]] | None) -> None:
         },
         ROUNDS,
     )
-    by_call = await interleaved(
-        {
-            label(framework, variant): partial(seconds_per_call, make(by_kind[variant]))
-            for framework, make in FRAMEWORKS.items()
-            for variant in by_kind
-        },
-        ROUNDS,
-    )
     uninstrument(guard)
-    request_rows, request_cost = summarise(by_request)
     call_rows, call_cost = summarise(by_call)
-    verdicts = [
-        [
-            label(framework, OURS),
-            f"{request_cost[label(framework, OURS)]:.1f}%",
-            f"<= {GOAL_PERCENT}%",
-            _verdict(request_cost[label(framework, OURS)]),
-            f"{call_cost[label(framework, OURS)]:.1f}%",
-        ]
-        for framework in FRAMEWORKS
-    ]
+    request_rows, request_cost = summarise(by_request)
+    wall = {"calls": call_cost, "requests": request_cost}
+    counted = callgrind[1] if callgrind is not None else {}
+    verdicts = []
+    for framework in FRAMEWORKS:
+        for level, how in LEVELS.items():
+            by_wall = wall[level][label(framework, OURS)]
+            by_count = counted.get(f"{framework} {level}")
+            # Instructions decide where counted: the wall clock moves by as much as the goal.
+            cost = by_count if by_count is not None else by_wall
+            verdicts.append(
+                [
+                    label(framework, OURS),
+                    how,
+                    f"{by_wall:.1f}%",
+                    "-" if by_count is None else f"{by_count:.1f}%",
+                    f"<= {GOAL_PERCENT}%",
+                    "yes" if cost <= GOAL_PERCENT else "NO",
+                ]
+            )
     body = (
-        f"Requests: {ROUNDS} interleaved rounds of {REQUESTS} GETs through an in-process "
-        "client (httpx.AsyncClient over httpx.ASGITransport), no server, no network.\n\n"
-        + table(HEADERS, request_rows)
-        + f"\n\nBare ASGI calls: {ROUNDS} interleaved rounds of {CALLS} calls of the app itself, "
+        f"Bare ASGI calls: {ROUNDS} interleaved rounds of {CALLS} calls of the app itself, "
         "no client: the middleware's own work against the framework's alone.\n\n"
         + table(HEADERS, call_rows)
-        + "\n\nWall clock:\n\n"
+        + f"\n\nRequests: {ROUNDS} interleaved rounds of {REQUESTS} GETs through an in-process "
+        "client (httpx.AsyncClient over httpx.ASGITransport), no server, no network.\n\n"
+        + table(HEADERS, request_rows)
+        + ("\n\n" + callgrind[0] if callgrind is not None else "")
+        + "\n\nThe goal: at most 3% fewer requests/s than no middleware ('met' goes by "
+        "instructions where they were counted).\n\n"
         + table(
-            [
-                "middleware cost in requests/s",
-                "requests (the goal)",
-                "goal",
-                "met",
-                "bare ASGI calls",
-            ],
+            ["middleware", "measured as", "wall clock", "instructions", "goal", "met"],
             verdicts,
         )
     )
-    if callgrind is not None:
-        text, cost = callgrind
-        body += (
-            "\n\n"
-            + text
-            + "\n\nBy instructions:\n\n"
-            + table(
-                ["middleware cost", "requests (the goal)", "goal", "met", "bare ASGI calls"],
-                [
-                    [
-                        label(framework, OURS),
-                        f"{cost[f'{framework} requests']:.1f}%",
-                        f"<= {GOAL_PERCENT}%",
-                        _verdict(cost[f"{framework} requests"]),
-                        f"{cost[f'{framework} calls']:.1f}%",
-                    ]
-                    for framework in FRAMEWORKS
-                ],
-            )
-        )
     write("middleware", "Middleware cost on a trivial route", body)
 
 
