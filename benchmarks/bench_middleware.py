@@ -6,7 +6,7 @@ middleware or none, measured in one run with no server and no network, two ways:
 - bare ASGI calls: the app called directly, no client, so the figure is the middleware's own
   work against the framework's alone. This is the goal as written (at most 3% fewer
   requests/s). On a trivial Starlette route even a middleware that only forwards the call
-  costs about 3% measured this way.
+  costs 2-4% measured this way (2.4% by instructions).
 - requests through an in-process client, an ``httpx.AsyncClient`` over
   ``httpx.ASGITransport``: requests/s as a caller sees them. The client does most of the work
   here (about nine tenths of the instructions), so this reading is far easier to meet. Each
