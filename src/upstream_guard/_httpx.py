@@ -122,8 +122,6 @@ _HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 
 def _result(status: int, headers: Any, body: bytes) -> AttemptResult:
     """The result of an answer not in ``_HEALTHY`` (callers look there first)."""
-    if status < 400:
-        return AttemptResult(status=status)
     return AttemptResult(status=status, retry_after=headers.get("retry-after"), body=body)
 
 
