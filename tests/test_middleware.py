@@ -21,7 +21,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 
 from conftest import make_settings
-from upstream_guard import UpstreamGuardMiddleware, install
+from upstream_guard import GuardSettings, UpstreamGuardMiddleware, install
 from upstream_guard.testing import Fault, serve
 
 CLIENTS = ["httpx", "tekore", "spotipy"]
@@ -520,8 +520,6 @@ def test_request_deadline_bounds_outbound_retries(clock):
 
 def test_request_deadline_counts_from_the_request_not_from_the_call(clock):
     """Reading a streamed upload uses the request's deadline up, once: each attempt gets the rest."""
-    from upstream_guard import GuardSettings
-
     timeouts: list[float] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
