@@ -132,8 +132,30 @@ def _valgrind_env() -> dict[str, str]:
     return {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": path}
 
 
+def _callgrind(tmp: str, script: str, args: list[str], *options: str) -> str:
+    """Run ``script`` with ``args`` under callgrind, its output files in ``tmp``; valgrind's
+    report (stderr)."""
+    path = Path(tmp) / "counted.py"
+    path.write_text(script)
+    return subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            *options,
+            f"--callgrind-out-file={tmp}/cg.out",
+            sys.executable,
+            str(path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_valgrind_env(),
+    ).stderr
+
+
 def instructions_per_call(script: str, args: list[str], short: int, long: int) -> float:
-    """Instructions per call of ``script`` by callgrind (the same count on every run).
+    """Instructions per call of ``script`` by callgrind (within about 0.3% from run to run).
 
     The script is run twice under valgrind, with ``args`` followed by a call count of
     ``short`` then ``long``; start-up and warm-up cancel in the difference. The benchmarks
@@ -142,26 +164,10 @@ def instructions_per_call(script: str, args: list[str], short: int, long: int) -
 
     def run(calls: int) -> int:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "calls.py"
-            path.write_text(script)
-            out = subprocess.run(
-                [
-                    "valgrind",
-                    "--tool=callgrind",
-                    f"--callgrind-out-file={tmp}/cg.out",
-                    sys.executable,
-                    str(path),
-                    *args,
-                    str(calls),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=_valgrind_env(),
-            )
-        match = re.search(r"refs:\s+([\d,]+)", out.stderr)
+            report = _callgrind(tmp, script, [*args, str(calls)])
+        match = re.search(r"refs:\s+([\d,]+)", report)
         if match is None:
-            raise RuntimeError(f"no instruction count in valgrind's output: {out.stderr[-500:]}")
+            raise RuntimeError(f"no instruction count in valgrind's output: {report[-500:]}")
         return int(match.group(1).replace(",", ""))
 
     return (run(long) - run(short)) / (long - short)
@@ -179,23 +185,7 @@ def instructions_between_marks(script: str, args: list[str]) -> list[int]:
     valgrind) is paid once. The benchmarks directory is on the script's path.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "marked.py"
-        path.write_text(script)
-        subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--dump-before=os_getppid",
-                f"--callgrind-out-file={tmp}/cg.out",
-                sys.executable,
-                str(path),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=_valgrind_env(),
-        )
+        _callgrind(tmp, script, args, "--dump-before=os_getppid")
         # cg.out.1 holds everything up to the first mark, cg.out.N the stretch ending at the
         # N-th mark, cg.out what followed the last.
         counts = []

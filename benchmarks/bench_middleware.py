@@ -14,8 +14,9 @@ middleware or none, measured in one run with no server and no network, two ways:
   layout for the whole run.
 
 Wall-clock ratios on this shared VM move by about 3% between runs, as much as the goal, so
-where valgrind is installed callgrind also counts instructions per request for both (the
-same count on every run; the collector is off while counting). Pass --no-callgrind to skip.
+where valgrind is installed callgrind also counts instructions per request for both (a
+count moves by up to 1k between runs; the collector is off while counting). Pass
+--no-callgrind to skip.
 
 Variants run interleaved in rounds, in a shuffled order; the ratio per variant is the median
 of per-round ratios to the bare app. Starlette's BaseHTTPMiddleware (a pass-through dispatch)
@@ -292,8 +293,9 @@ def callgrind_section() -> tuple[str, dict[str, float]]:
                         f"{share:+.1f}%",
                     ]
                 )
-    text = "Instructions per request (callgrind, deterministic):\n\n" + table(
-        ["variant", "measured as", "instructions", "added", "added share"], rows
+    text = (
+        "Instructions per request (callgrind; a count moves by up to 1k between runs):\n\n"
+        + table(["variant", "measured as", "instructions", "added", "added share"], rows)
     )
     return text, cost
 

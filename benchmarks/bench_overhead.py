@@ -7,7 +7,7 @@ each ratio is the median of the per-round ratios (bare and guarded measured back
 The process is pinned to one core where the OS allows it, to keep migrations out.
 
 Timings on a shared two-core VM move by 20-30% between runs, so where valgrind is installed
-the script also counts instructions per call (callgrind: the same count on every run) for
+the script also counts instructions per call (callgrind: within about 0.3% from run to run) for
 the bare and the guarded sync call; pass --no-callgrind to skip that part.
 """
 
