@@ -17,8 +17,8 @@ def _no_guard_left_installed() -> Iterator[None]:
     yield
     from upstream_guard import _instrument
 
-    for guard in list(_instrument._installed):
-        _instrument.uninstrument(guard)
+    while (guard := _instrument.active_guard()) is not None:
+        guard.close()
 
 
 @pytest.fixture(params=["asyncio", "trio"])

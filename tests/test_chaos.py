@@ -253,7 +253,7 @@ def test_chaos_run_answers_every_request_and_leaks_nothing(chaos):
         with lock:
             outcomes[f"{record.outcome}:{record.reason}"] += 1
 
-    guard.hooks.append(count_outcome)
+    guard.subscribe(count_outcome)
     keeper = {"authorization": "Bearer keeper"}
     answers: Counter[str] = Counter()
     by_kind: dict[str, Counter[str]] = {}
@@ -443,7 +443,7 @@ def test_clients_that_give_up_mid_request_leave_nothing_behind(chaos):
         records.append(record)
         finished.release()
 
-    guard.hooks.append(on_finish)
+    guard.subscribe(on_finish)
     with serve(app) as url, uvicorn_errors() as errors:
         port = int(url.rsplit(":", 1)[1])
         with httpx.Client(base_url=url, timeout=10, headers=CLOSE) as client:

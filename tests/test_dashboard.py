@@ -14,9 +14,14 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from conftest import make_settings
-from upstream_guard import GuardSettings, SettingsError, UpstreamGuardMiddleware, install
-from upstream_guard._dashboard import PAGE, CallLog, call_log, percentile
-from upstream_guard._pipeline import CallRecord
+from upstream_guard import (
+    CallEvent,
+    GuardSettings,
+    SettingsError,
+    UpstreamGuardMiddleware,
+    install,
+)
+from upstream_guard._dashboard import _LOGS, PAGE, CallLog, call_log, percentile
 from upstream_guard.testing import FakeClock, Fault, serve
 
 DASHBOARD = "/_upstream_guard/dashboard"
@@ -80,7 +85,7 @@ def test_off_by_default(sim, sim_url, clock):
         assert client.get(DASHBOARD, headers=bearer()).status_code == 404
         assert client.get(DATA, headers=bearer()).status_code == 404
         assert client.get(f"/tracks/{TRACK}").status_code == 200
-    assert not any(isinstance(hook, CallLog) for hook in guard.hooks)
+    assert guard not in _LOGS
 
 
 @pytest.mark.usefixtures("dashboard_env")
@@ -243,11 +248,12 @@ def test_call_log_is_bounded_and_registered_once(clock):
     guard = install(app, settings, clock=clock)
     UpstreamGuardMiddleware(app, guard=guard)
     UpstreamGuardMiddleware(app, guard=guard)
-    assert sum(isinstance(hook, CallLog) for hook in guard.hooks) == 1
+    assert len(guard._subscribers.listeners) == 1
+    assert isinstance(guard._subscribers.listeners[0], CallLog)
     log = CallLog(["a"], maxlen=3)
     for i in range(5):
-        log(CallRecord("a", "/x", "GET", 0.0, outcome="success", status=200, duration_s=i))
-    log(CallRecord("unknown", "/x", "GET", 0.0))
+        log(CallEvent("a", "/x", "GET", "success", "ok", 200, 1, duration_s=i))
+    log(CallEvent("unknown", "/x", "GET", "cancelled", "cancelled", None, 1, 0.0))
     assert [c[3] for c in log.calls("a")] == [2, 3, 4]
     assert log.calls("unknown") == []
     assert call_log(guard) is call_log(guard)

@@ -368,18 +368,29 @@ def test_two_apps_each_apply_their_own_guard(sim, sim_url, clock):
 
 def test_instrumentation_is_undone_on_shutdown(sim_url):
     """Lifespan shutdown restores httpx and requests; install is idempotent."""
-    from upstream_guard._instrument import is_instrumented
-
     app = build_app(sim_url)
     guard = install(app, make_settings(sim_url))
     assert install(app) is guard
-    assert is_instrumented()
-    original = httpx.HTTPTransport.handle_request
+    assert hasattr(httpx.HTTPTransport.handle_request, "__upstream_guard__")
+    assert hasattr(requests.adapters.HTTPAdapter.send, "__upstream_guard__")
     with TestClient(app):
         pass
-    assert not is_instrumented()
-    assert httpx.HTTPTransport.handle_request is not original
     assert not hasattr(httpx.HTTPTransport.handle_request, "__upstream_guard__")
+    assert not hasattr(requests.adapters.HTTPAdapter.send, "__upstream_guard__")
+
+
+def test_guard_close_undoes_instrument_once_no_guard_is_left(sim_url):
+    """guard.instrument() patches the clients; closing the last instrumented guard unpatches."""
+    from upstream_guard import Guard
+
+    first, second = Guard(make_settings(sim_url)), Guard(make_settings(sim_url))
+    first.instrument()
+    second.instrument()
+    first.close()
+    assert hasattr(httpx.AsyncHTTPTransport.handle_async_request, "__upstream_guard__")
+    second.close()
+    assert not hasattr(httpx.AsyncHTTPTransport.handle_async_request, "__upstream_guard__")
+    second.close()  # twice is fine
 
 
 def test_requests_session_is_guarded_explicitly(sim, sim_url, clock):
@@ -403,7 +414,6 @@ def test_httpx2_is_guarded_beside_httpx(sim, sim_url, clock):
     import httpx2
 
     from upstream_guard import CircuitOpenError, Guard
-    from upstream_guard._instrument import flavor_for
 
     app = FastAPI()
 
@@ -426,9 +436,7 @@ def test_httpx2_is_guarded_beside_httpx(sim, sim_url, clock):
         assert sim.total_hits == hits
     guard = Guard(make_settings(sim_url), clock=clock)
     guard.upstreams["spotify_api"].breakers["spotify_api"].force_open()
-    flavor = flavor_for("httpx2")
-    assert flavor is not None
-    with httpx2.Client(transport=guard.sync_transport(flavor=flavor)) as plain:
+    with httpx2.Client(transport=guard.sync_transport(httpx2.HTTPTransport())) as plain:
         with pytest.raises(httpx2.TransportError) as info:
             plain.get(f"{sim_url}/v1/me")
     assert isinstance(info.value, CircuitOpenError)

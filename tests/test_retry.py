@@ -105,7 +105,7 @@ async def test_budget_bounds_retry_amplification(clock):
         nonlocal attempts
         attempts += record.attempts
 
-    guard.hooks.append(count)
+    guard.subscribe(count)
     calls = 2_000
     async with httpx.AsyncClient(
         transport=guard.async_transport(httpx.MockTransport(handler))

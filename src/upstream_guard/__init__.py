@@ -7,6 +7,7 @@ from ._errors import (
     RetriesExhaustedError,
     UpstreamUnavailable,
 )
+from ._events import CallEvent
 from ._guard import Guard
 from ._middleware import UpstreamGuardMiddleware, install
 from ._settings import (
@@ -22,6 +23,7 @@ from ._settings import (
 __all__ = [
     "BreakerSettings",
     "BulkheadFullError",
+    "CallEvent",
     "CircuitOpenError",
     "FallbackSettings",
     "Guard",

@@ -1,10 +1,10 @@
 """The body of a delivered answer is part of the call: its failures are upstream failures.
 
-A 2xx is handed back unread, so that clients can stream it. When reading it later fails (a
-reset or truncated body) or drips past the call's deadline, the failure is counted against
-the upstream's breaker and the request's context, and the reader gets an
-``UpstreamUnavailable`` (also the client library's ``TransportError``) instead of a raw read
-error: inside the middleware that becomes a fallback or a 503, never a 500.
+A 2xx is handed back unread, so that clients can stream it. ``BodyWatch`` sees each chunk
+as the caller reads it: a read that fails (a reset or truncated body) or comes after the
+call's deadline counts against the upstream's breaker and the request being served, and
+the reader gets the client's own error class, also an ``UpstreamUnavailable``. Inside the
+middleware that becomes a fallback or a 503, never a 500.
 """
 
 from __future__ import annotations
@@ -12,41 +12,47 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._context import request_context
-from ._errors import RetriesExhaustedError, UpstreamUnavailable
+from ._errors import RetriesExhaustedError, UpstreamUnavailable, as_client_error
 
 if TYPE_CHECKING:
-    from ._httpx import Flavor
-    from ._pipeline import CallRecord, UpstreamRuntime
+    from ._call import Exchange
 
 
-class _Body:
-    """What both stream wrappers share; one small object per answer (the hot path)."""
+class BodyWatch:
+    """Sees each chunk of a delivered body as the caller reads it (one per watched answer)."""
 
-    __slots__ = ("_deadline", "_flavor", "_inner", "_record", "_request", "_rt")
+    __slots__ = ("_adapter", "_ctx", "_deadline", "_record", "_request", "_rt")
 
-    def __init__(
-        self, inner: Any, rt: UpstreamRuntime, record: CallRecord, request: Any, flavor: Flavor
-    ) -> None:
-        """Watch ``inner``, the body of the answer to ``request``."""
-        self._inner = inner
-        self._rt = rt
-        self._record = record
-        self._request = request
-        self._flavor = flavor
-        self._deadline = record.started + rt.total_s
+    def __init__(self, exchange: Exchange) -> None:
+        """Watch the body of ``exchange``'s answer, up to the call's deadline."""
+        self._adapter = exchange.adapter
+        self._ctx = exchange.ctx
+        self._rt = exchange.core.rt
+        self._record = exchange.record
+        self._request = exchange.request
+        self._deadline = exchange.core.deadline
 
-    def _late(self) -> bool:
-        return self._rt.clock.monotonic() > self._deadline
+    def passed(self, chunk: bytes) -> bytes:
+        """The chunk, if it came before the deadline; else the client's read timeout."""
+        if self._rt.clock.monotonic() > self._deadline:
+            late = self._adapter.late_error(self._request)
+            raise self.failed(late) from late
+        return chunk
 
-    def _failed(self, exc: BaseException) -> Exception:
-        """Count the failure; return the error to raise in its place."""
+    def replacement(self, exc: Exception) -> Exception | None:
+        """What to raise for a failed read; None: raise ``exc`` itself (not the upstream's)."""
+        ours = isinstance(exc, UpstreamUnavailable)
+        if ours or not isinstance(exc, self._adapter.attempt_errors):
+            return None
+        return None if self._adapter.error_kind(exc) is None else self.failed(exc)
+
+    def failed(self, exc: BaseException) -> Exception:
+        """Count a failed read; return the error to raise in its place."""
         rt, record = self._rt, self._record
-        reason = "timeout" if isinstance(exc, TimeoutError) else "body_error"
+        reason = "timeout" if self._adapter.error_kind(exc) == "timeout" else "body_error"
         rt.breaker_for(record.endpoint).late_failure(reason)
-        ctx = request_context.get()
-        if ctx is not None:
-            ctx.note(rt.name, "failure", reason, 0.0)
+        if self._ctx is not None:
+            self._ctx.note(rt.name, "failure", reason, 0.0)
         error = RetriesExhaustedError(
             f"{rt.name} {record.method} {record.endpoint}: the answer's body failed "
             f"({reason}: {type(exc).__name__})",
@@ -54,51 +60,47 @@ class _Body:
             reason=reason,
             retry_after_s=None,
         )
-        mapped = self._flavor.error(error, self._request)
-        mapped.__cause__ = exc
+        error.__cause__ = exc
+        mapped: Exception = as_client_error(error, base=self._adapter.base_error)
         return mapped
 
 
-class AsyncBody(_Body):
-    """An async byte stream that watches its inner stream (subclassed per httpx flavor)."""
+class _Chunks:
+    __slots__ = ("_inner", "_watch")
 
-    __slots__ = ()
+    def __init__(self, inner: Any, watch: BodyWatch) -> None:
+        self._inner, self._watch = inner, watch
+
+
+class AsyncChunks(_Chunks):
+    """An async stream of chunks, read through a watch."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        """Yield the inner chunks; a failed or late read becomes an upstream failure."""
-        errors = (self._flavor.transport_error, TimeoutError)
         try:
             async for chunk in self._inner:
-                if self._late():
-                    raise TimeoutError("the body outlasted timeout.total_s")
-                yield chunk
-        except UpstreamUnavailable:
-            raise
-        except errors as exc:
-            raise self._failed(exc) from exc
+                yield self._watch.passed(chunk)
+        except Exception as exc:
+            error = self._watch.replacement(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     async def aclose(self) -> None:
         """Close the inner stream."""
         await self._inner.aclose()
 
 
-class SyncBody(_Body):
-    """A sync byte stream that watches its inner stream (subclassed per httpx flavor)."""
-
-    __slots__ = ()
+class SyncChunks(_Chunks):
+    """A stream of chunks, read through a watch."""
 
     def __iter__(self) -> Iterator[bytes]:
-        """Yield the inner chunks; a failed or late read becomes an upstream failure."""
-        errors = (self._flavor.transport_error, TimeoutError)
         try:
-            for chunk in self._inner:
-                if self._late():
-                    raise TimeoutError("the body outlasted timeout.total_s")
-                yield chunk
-        except UpstreamUnavailable:
-            raise
-        except errors as exc:
-            raise self._failed(exc) from exc
+            yield from map(self._watch.passed, self._inner)
+        except Exception as exc:
+            error = self._watch.replacement(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     def close(self) -> None:
         """Close the inner stream."""

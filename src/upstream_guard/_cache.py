@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from ._clock import Clock
 
-STALE_HEADER = "x-upstream-guard"
+GUARD_HEADER = "x-upstream-guard"
+"""Names what the guard answered: ``stale``, ``fallback`` or ``unavailable``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ class StaleCache:
 
 def stale_headers(entry: CachedResponse, age: int) -> list[tuple[str, str]]:
     """The stored headers, with ``Age`` and a header naming the guard."""
-    skip = {"age", "content-length", "content-encoding", "transfer-encoding", STALE_HEADER}
+    skip = {"age", "content-length", "content-encoding", "transfer-encoding", GUARD_HEADER}
     headers = [(k, v) for k, v in entry.headers if k.lower() not in skip]
-    headers += [("age", str(age)), (STALE_HEADER, "stale")]
+    headers += [("age", str(age)), (GUARD_HEADER, "stale")]
     return headers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import zlib
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
@@ -17,6 +18,10 @@ _BODY_MARKERS = (
     (b"no server is available", "no_server_available"),
     (b"upstream connect error", "upstream_connect_error"),
 )
+
+
+UNAVAILABLE_OUTCOMES = frozenset({"failure", "refused", "throttled"})
+"""Outcomes of a logical call that mean "this upstream let the caller down"."""
 
 
 class Outcome(enum.StrEnum):
@@ -47,6 +52,29 @@ def classify_status(status: int, body: bytes = b"") -> tuple[Outcome, str]:
 def needs_body(status: int) -> bool:
     """Whether ``classify_status`` and the retry decision want to read this response's body."""
     return status >= 500 or status == 429
+
+
+def readable(body: bytes, content_encoding: str | None) -> bytes:
+    """The start of a failure answer's body, decoded enough to look for a proxy's marker.
+
+    The body the caller gets is left as it came; this reads a copy. gzip and deflate are
+    undone (the first 4 KiB); other encodings, or a body that does not decode, stay raw.
+    """
+    encoding = (content_encoding or "").strip().lower()
+    if not encoding or encoding == "identity" or not body:
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+    if encoding not in wbits:
+        return body
+    try:
+        return zlib.decompressobj(wbits[encoding]).decompress(body, 4096)
+    except zlib.error:
+        if encoding == "deflate":  # some servers send raw deflate, without the zlib header
+            try:
+                return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, 4096)
+            except zlib.error:
+                return body
+        return body
 
 
 def parse_retry_after(value: str | bytes | None, now_wall: float) -> float | None:

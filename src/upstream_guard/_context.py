@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from ._classify import UNAVAILABLE_OUTCOMES
 from ._telemetry import annotate_inbound
 
 if TYPE_CHECKING:
     from ._guard import Guard
 
-# Outcomes of a logical call that mean "this upstream let the request down".
-FAILED_OUTCOMES = frozenset({"failure", "refused", "throttled"})
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -52,19 +49,15 @@ class RequestContext:
         if used is None:
             used = self.used = {}
         used[upstream] = used.get(upstream, 0.0) + seconds
-        if outcome in FAILED_OUTCOMES:
+        if outcome in UNAVAILABLE_OUTCOMES:
             if self.failed is None:
                 self.failed = {}
             self.failed[upstream] = reason
         elif outcome == "stale":
             self.stale = True
 
-    def send(self, message: Message) -> Awaitable[None]:
-        """The app's ``send``: remembers the start, adds Server-Timing to it.
-
-        A plain function returning the server's awaitable: no coroutine of its own for each
-        message the app sends.
-        """
+    async def send(self, message: Message) -> None:
+        """The app's ``send``: remembers the start, adds Server-Timing to it."""
         if message["type"] == "http.response.start":
             self.started = True
             if self.used:
@@ -74,23 +67,8 @@ class RequestContext:
                     parts = [f"{name};dur={s * 1000:.1f}" for name, s in self.used.items()]
                     header = (b"server-timing", ", ".join(parts).encode("latin-1"))
                     message["headers"] = [*message.get("headers", ()), header]
-        return self.server_send(message)
+        await self.server_send(message)
 
-
-def _mark_coroutine_function(function: Callable[..., Any]) -> None:
-    """Have ``function``, a plain function returning an awaitable, pass as a coroutine function.
-
-    asgiref's ``AsyncToSync`` (WSGI apps behind ``WsgiToAsgi``) warns about a ``send`` that
-    is not marked as one.
-    """
-    mark = getattr(inspect, "markcoroutinefunction", None)
-    if mark is not None:  # Python 3.12+
-        mark(function)
-    else:  # Python 3.11: what asyncio.iscoroutinefunction looks for
-        function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]  # noqa: SLF001
-
-
-_mark_coroutine_function(RequestContext.send)
 
 request_context: ContextVar[RequestContext | None] = ContextVar(
     "upstream_guard_request", default=None

@@ -5,7 +5,7 @@ Served by the middleware at ``dashboard_path`` when that setting is given: the p
 that allows only its own script and style) and ``{dashboard_path}/data``, the JSON it polls
 every second: ``guard.snapshot()`` plus, per upstream, its recent calls and their latency.
 
-Recent calls come from a ``CallLog`` registered in ``guard.hooks``: a bounded deque per
+Recent calls come from a ``CallLog`` subscribed to the guard's events: a bounded deque per
 upstream of (endpoint template, outcome, status, duration). Nothing else of a call is kept,
 so no header, query string or body can reach the page.
 """
@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import math
 import threading
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -24,8 +25,8 @@ from urllib.parse import parse_qsl
 
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from ._events import CallEvent
 from ._guard import Guard
-from ._pipeline import CallRecord
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -44,14 +45,14 @@ Entry = tuple[str, str, int | None, float]
 
 
 class CallLog:
-    """A ``guard.hooks`` hook keeping the last ``maxlen`` calls of each upstream."""
+    """A guard subscriber keeping the last ``maxlen`` calls of each upstream."""
 
     def __init__(self, upstreams: list[str], maxlen: int = KEPT_CALLS) -> None:
         """One bounded deque per upstream name."""
         self._calls: dict[str, deque[Entry]] = {name: deque(maxlen=maxlen) for name in upstreams}
         self._lock = threading.Lock()  # hooks run in event loops and in client threads
 
-    def __call__(self, record: CallRecord) -> None:
+    def __call__(self, record: CallEvent) -> None:
         """Keep what the dashboard shows of a finished call, and nothing more."""
         calls = self._calls.get(record.upstream)
         if calls is not None:
@@ -68,13 +69,15 @@ class CallLog:
             return list(calls)
 
 
+_LOGS: weakref.WeakKeyDictionary[Guard, CallLog] = weakref.WeakKeyDictionary()
+
+
 def call_log(guard: Guard) -> CallLog:
-    """The guard's CallLog, registered in ``guard.hooks`` on first use (once per guard)."""
-    for hook in guard.hooks:
-        if isinstance(hook, CallLog):
-            return hook
-    log = CallLog(list(guard.upstreams))
-    guard.hooks.append(log)
+    """The guard's CallLog, subscribed on first use (once per guard)."""
+    log = _LOGS.get(guard)
+    if log is None:
+        log = _LOGS[guard] = CallLog(list(guard.upstreams))
+        guard.subscribe(log)
     return log
 
 

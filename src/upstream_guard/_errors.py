@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UpstreamUnavailable(Exception):  # noqa: N818 - the name is the public contract
     """An upstream could not be used for this call; ``retry_after_s`` says when to try again."""
@@ -35,3 +37,60 @@ class RateLimitedError(UpstreamUnavailable):
 
 class BulkheadFullError(UpstreamUnavailable):
     """The upstream already has ``max_concurrency`` calls in flight."""
+
+
+_CLASSES: dict[tuple[type[UpstreamUnavailable], type[BaseException]], type[Any]] = {}
+_MADE: set[type[Any]] = set()
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was made by ``as_client_error`` already."""
+    return type(exc) in _MADE
+
+
+def _both(ours: type[UpstreamUnavailable], theirs: type[BaseException], name: str) -> type[Any]:
+    """A class that is ``ours`` and ``theirs`` at once, made once per pair, then reused."""
+    cls = _CLASSES.get((ours, theirs))
+    if cls is None:
+        try:
+            cls = type(name, (ours, theirs), {"__module__": "upstream_guard"})
+            _MADE.add(cls)
+        except TypeError:  # layouts that cannot be combined: ours alone still tells the story
+            cls = ours
+        _CLASSES[(ours, theirs)] = cls
+    return cls
+
+
+def as_client_error(
+    error: UpstreamUnavailable,
+    *,
+    base: type[Exception],
+    request: object = None,
+) -> Any:
+    """``error`` as an instance of the client library's own error class as well as ours.
+
+    When the call ended on an attempt's own error (``error.__cause__``: a ``ReadTimeout``,
+    a ``ConnectError``...), the result is an instance of that error's class too, with its
+    message and attributes: ``except httpx.ReadTimeout`` still matches, and ``str()`` reads
+    as the client's. The guard's account of the call is added as a note. Otherwise (a
+    refusal), it is an instance of ``base``, the client's family of transport errors.
+    """
+    cause = error.__cause__
+    cls = type(error)
+    if isinstance(error, RetriesExhaustedError) and cause is not None:
+        cls = _both(type(error), type(cause), type(cause).__name__)
+    if cause is not None and cls is not type(error):  # combined with the cause's class
+        mapped = cls.__new__(cls, *cause.args)
+        attributes = dict(cause.__dict__)
+        notes = attributes.pop("__notes__", [])
+        mapped.__dict__.update(attributes)
+        mapped.__notes__ = [*notes, f"upstream_guard: {error}"]
+        mapped.__dict__.update(error.__dict__)  # upstream, reason, retry_after_s
+        return mapped
+    make = _both(type(error), base, type(error).__name__)
+    mapped = make(
+        str(error), upstream=error.upstream, reason=error.reason, retry_after_s=error.retry_after_s
+    )
+    if request is not None:
+        mapped.request = request
+    return mapped

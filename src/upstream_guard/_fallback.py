@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ._cache import GUARD_HEADER
 from ._errors import UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 
 FallbackHandler = Callable[[Request, BaseException], Response | Awaitable[Response]]
 PROBLEM_TYPE = "urn:upstream-guard:problem:upstream-unavailable"
-GUARD_HEADER = "x-upstream-guard"
 
 
 def find_unavailable(exc: BaseException) -> UpstreamUnavailable | None:

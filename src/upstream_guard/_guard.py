@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
 
+from . import _instrument
 from . import _telemetry as telemetry
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
-from ._context import RequestContext
-from ._httpx import HTTPX, Flavor, transport_classes
-from ._pipeline import CallRecord, Hook, UpstreamRuntime
+from ._events import CallEvent, Subscribers
+from ._pipeline import UpstreamRuntime
 from ._settings import GuardSettings, ascii_host
+from ._transports import flavor_of
 
 if TYPE_CHECKING:
+    import httpx
+    import requests
+
     from ._redis import SharedState
 
 F = TypeVar("F", bound=Callable[..., Any])
+BreakerState = Literal["closed", "open", "half-open"]
 _STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
@@ -39,7 +44,8 @@ class Guard:
         self.settings = settings if settings is not None else GuardSettings()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not crypto
-        self.hooks: list[Hook] = []
+        self._subscribers = Subscribers()
+        self._telemetry = telemetry.Telemetry()
         self.fallbacks: dict[str, Any] = {}
         self.state_hooks: list[Any] = []
         self.upstreams: dict[str, UpstreamRuntime] = {}
@@ -72,10 +78,8 @@ class Guard:
                         ports[port] = rt
                     self._hosts[form] = (any_port, ports)
 
-    # -- the hot path --------------------------------------------------------------------
-
-    def match(self, url: Any) -> UpstreamRuntime | None:
-        """The upstream a URL belongs to, or None for hosts the guard leaves alone."""
+    def _upstream_for(self, url: Any) -> UpstreamRuntime | None:
+        """The upstream a URL (``host``, ``port``, ``scheme``) belongs to; None: not guarded."""
         found = self._hosts.get(url.host)
         if found is None:
             return None
@@ -85,41 +89,44 @@ class Guard:
             return ports.get(port, any_port)
         return any_port
 
-    def deadline_left(self, ctx: RequestContext | None) -> float | None:
-        """Seconds left of the inbound request's deadline (``ctx``), if one is set."""
-        if ctx is None or ctx.deadline is None:
-            return None
-        return max(0.0, ctx.deadline - self.clock.monotonic())
-
-    def finish(self, record: CallRecord, ctx: RequestContext | None) -> None:
-        """Called by the drivers when a logical call ends, however it ends.
-
-        ``ctx`` is the request being served, read once by the driver at the call's start.
-        """
-        if record.span is not None:
-            record.span.end()
-        if ctx is not None:
-            ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
-        if telemetry.METRICS_API["_METER_PROVIDER"] is not None and telemetry.metrics_on():
-            telemetry.record_metrics(record)
-        for hook in self.hooks:
-            hook(record)
-
     # -- public API ----------------------------------------------------------------------
 
-    def async_transport(self, inner: Any = None, *, flavor: Flavor = HTTPX) -> Any:
-        """An ``httpx.AsyncBaseTransport`` that guards calls through ``inner``."""
-        return transport_classes(flavor)[0](self, inner)
+    def async_transport(self, inner: Any = None) -> httpx.AsyncBaseTransport:
+        """An async transport that guards calls through ``inner``; others pass through.
 
-    def sync_transport(self, inner: Any = None, *, flavor: Flavor = HTTPX) -> Any:
-        """An ``httpx.BaseTransport`` that guards calls through ``inner``."""
-        return transport_classes(flavor)[1](self, inner)
+        ``inner`` defaults to ``httpx.AsyncHTTPTransport()``. The transport is of
+        ``inner``'s library: wrap an ``httpx2.AsyncHTTPTransport`` for an httpx2 client.
+        """
+        transport: httpx.AsyncBaseTransport = flavor_of(inner).async_transport(self, inner)
+        return transport
 
-    def requests_session(self) -> Any:
+    def sync_transport(self, inner: Any = None) -> httpx.BaseTransport:
+        """A sync transport that guards calls through ``inner`` (as ``async_transport``)."""
+        transport: httpx.BaseTransport = flavor_of(inner).sync_transport(self, inner)
+        return transport
+
+    def requests_session(self) -> requests.Session:
         """A ``requests.Session`` whose calls to guarded hosts go through this guard."""
-        from ._requests import guarded_session  # noqa: PLC0415 - requests is optional
+        from ._sessions import guarded_session  # noqa: PLC0415 - requests is optional
 
         return guarded_session(self)
+
+    def subscribe(self, fn: Callable[[CallEvent], None]) -> Callable[[], None]:
+        """Call ``fn(event)`` after every guarded call; returns a function that stops it.
+
+        ``fn`` runs in the caller's thread or task, right after the call: keep it quick
+        (count, log, hand over to a queue). If it raises, the error is logged and the call
+        goes on.
+        """
+        return self._subscribers.add(fn)
+
+    def instrument(self) -> None:
+        """Guard httpx, httpx2 and requests calls made anywhere in this process.
+
+        ``install(app)`` does it for an app. Clients keep working as they are; calls to
+        hosts no upstream names pass straight through. ``close()`` undoes it.
+        """
+        _instrument.instrument(self)
 
     def fallback(self, path: str) -> Callable[[F], F]:
         """Register a route's own fallback: ``(request, error) -> Response``, sync or async.
@@ -133,14 +140,14 @@ class Guard:
 
         return register
 
-    def state(self, upstream: str) -> str:
+    def state(self, upstream: str) -> BreakerState:
         """``closed``, ``open`` or ``half-open``: the worst of the upstream's breakers."""
         rt = self._runtime(upstream)
         worst = CLOSED
         for breaker in rt.breakers.values():
             if _STATE_RANK[breaker.state] > _STATE_RANK[worst]:
                 worst = breaker.state
-        return worst
+        return cast("BreakerState", worst)
 
     def retry_after_s(self, upstream: str) -> float:
         """Seconds until ``upstream`` may be called again (open breaker or 429 cooldown)."""
@@ -187,7 +194,11 @@ class Guard:
             self.shared.start()
 
     def close(self) -> None:
-        """Stop background work (a last sync first, so no news is lost)."""
+        """Stop background work (a last sync first, so no news is lost); undo ``instrument``.
+
+        The clients are unpatched once no instrumented guard is left.
+        """
+        _instrument.uninstrument(self)
         if self.shared is not None:
             self.shared.stop()
 

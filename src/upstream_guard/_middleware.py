@@ -7,12 +7,12 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from ._cache import GUARD_HEADER
 from ._clock import Clock
 from ._context import RequestContext, request_context
 from ._dashboard import Dashboard
-from ._fallback import GUARD_HEADER, fallback_response, find_unavailable
+from ._fallback import fallback_response, find_unavailable
 from ._guard import Guard
-from ._instrument import instrument, uninstrument
 from ._settings import GuardSettings
 
 Scope = MutableMapping[str, Any]
@@ -48,7 +48,7 @@ class UpstreamGuardMiddleware:
         self._own_paths = frozenset(
             {self._health_path, *(self._dashboard.paths if self._dashboard else ())}
         )
-        instrument(self.guard)
+        self.guard.instrument()  # held weakly: a dropped app leaves nothing behind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Guard an http request; health, dashboard, lifespan and the rest are dispatched."""
@@ -107,10 +107,9 @@ class UpstreamGuardMiddleware:
 
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
-                instrument(self.guard)
+                self.guard.instrument()
                 self.guard.start()
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                uninstrument(self.guard)
                 self.guard.close()
             await send(message)
 
@@ -134,5 +133,5 @@ def install(
     app.add_middleware(UpstreamGuardMiddleware, guard=guard)
     if state is not None:
         state.upstream_guard = guard
-    instrument(guard)
+    guard.instrument()
     return guard

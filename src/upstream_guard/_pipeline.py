@@ -1,21 +1,18 @@
-"""The decision core of one guarded call, written once for every driver.
+"""The decisions of one guarded call, step by step, written once for every client.
 
-``guarded_call`` is a generator that performs no I/O: it yields ``Attempt`` (send the
-request once, with this timeout) and ``Wait`` (sleep this long), receives each attempt's
-``AttemptResult``, and finishes by returning (deliver the last response) or raising an
-``UpstreamUnavailable``. ``run_in_thread`` and ``run_in_task`` execute it for the sync and
-async drivers. Closing the generator mid-call (cancellation) releases the breaker permit and
-bulkhead place without recording anything.
+``GuardedCall`` performs no I/O. ``begin()`` says what to do first, ``after(result)`` what to
+do after an attempt, ``after_wait()`` what to do after a wait: send an ``Attempt`` (once,
+with this timeout), ``Wait`` (sleep this long), or ``None``: deliver the last response. A
+refusal or the end of the call raises an ``UpstreamUnavailable``. The runners in ``_call``
+execute these steps for sync and async clients.
 
-Most calls meet a closed breaker and get a healthy answer. The runners send that first
-attempt on a fast path (``_fast_start``, ``_fast_done``) with the same bookkeeping, and only
-build the generator, handing it the first attempt's result, when something is off.
+Most calls meet a closed breaker and get a healthy answer: ``begin`` admits them at once and
+``after`` records the success without classifying anything else.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +28,12 @@ from ._errors import (
     CircuitOpenError,
     RateLimitedError,
     RetriesExhaustedError,
-    UpstreamUnavailable,
 )
 from ._retry import RetryBudget, decide_retry
 from ._settings import UpstreamSettings
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """Send the request once; the transport's own timeouts are capped at ``timeout_s``."""
 
@@ -45,14 +41,14 @@ class Attempt:
     timeout_s: float
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Wait:
     """Sleep before going on."""
 
     seconds: float
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class AttemptResult:
     """What one attempt produced: a response, or a transport error.
 
@@ -67,7 +63,7 @@ class AttemptResult:
     error: BaseException | None = None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RetryEvent:
     """One retry the guard decided on (or declined), for telemetry."""
 
@@ -96,9 +92,6 @@ class CallRecord:
     duration_s: float = 0.0
     span: Any = None
     """The call's telemetry (``_telemetry.CallSpan``) when an OpenTelemetry SDK is installed."""
-
-
-Hook = Callable[[CallRecord], None]
 
 
 class UpstreamRuntime:
@@ -138,7 +131,7 @@ class UpstreamRuntime:
         self.replay_methods = settings.retry.methods if settings.retry.attempts > 1 else frozenset()
         self.total_s = settings.timeout.total_s
         self.attempt_s = settings.timeout.attempt_s
-        # The fast path's first attempt (attempts are never changed): one object for all.
+        # The usual first attempt (immutable): one object for all calls.
         self.first_attempt = Attempt(1, min(self.total_s, self.attempt_s))
         self._state_hooks = state_hooks
         self.breakers: dict[str, Breaker] = {}
@@ -176,325 +169,229 @@ def classify_result(result: AttemptResult) -> tuple[Outcome, str]:
     return classify_status(status, result.body)
 
 
-def _admission(
-    rt: UpstreamRuntime, record: CallRecord, breaker: Breaker, total: float
-) -> Generator[Wait, AttemptResult | None, None]:
-    """Before the first attempt: wait out a short cooldown, take a bulkhead place."""
-    if breaker.current != CLOSED:  # closed is the record's default
-        record.breaker_state = breaker.state
-    s = rt.settings
-    start = record.started
-    if rt.cooldown.until > start:
-        left = rt.cooldown.until - start
-        if left > s.retry.max_retry_after_s or left >= total:
-            record.outcome, record.reason = "refused", "cooldown"
-            raise RateLimitedError(
-                f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
-                upstream=rt.name,
-                reason="cooldown",
-                retry_after_s=left,
-            )
-        yield Wait(left)
-
-    if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
-        record.outcome, record.reason = "refused", "bulkhead_full"
-        raise BulkheadFullError(
-            f"{rt.name} already has {s.max_concurrency} calls in flight",
-            upstream=rt.name,
-            reason="bulkhead_full",
-            retry_after_s=None,
-        )
-    rt.budget.deposit()
+# Healthy answers share their results (frozen): no allocation on the hot path.
+HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 
 
-def _refusal(rt: UpstreamRuntime, record: CallRecord, breaker: Breaker) -> CircuitOpenError:
-    wait = breaker.retry_after_s()
-    state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
-    if not record.attempts:
-        record.outcome, record.reason = "refused", "circuit_open"
-        record.breaker_state = state
-    return CircuitOpenError(
-        f"{breaker.name} breaker is {state}; not calling it",
+def _cooling(rt: UpstreamRuntime, left: float) -> RateLimitedError:
+    return RateLimitedError(
+        f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
         upstream=rt.name,
-        reason="circuit_open",
-        # Half-open with every probe slot taken: worth asking again soon.
-        retry_after_s=wait or 1.0,
+        reason="cooldown",
+        retry_after_s=left,
     )
 
 
-def guarded_call(  # noqa: C901, PLR0912, PLR0915 - the pipeline reads best in one place
-    rt: UpstreamRuntime,
-    record: CallRecord,
-    *,
-    retryable_body: bool,
-    deadline_s: float | None,
-    rng: random.Random,
-    first: tuple[Permit, AttemptResult] | None = None,
-) -> Generator[Attempt | Wait, AttemptResult | None, None]:
-    """Run one logical call (see the module docstring for the protocol).
+class GuardedCall:
+    """The decisions of one logical call (see the module docstring for the steps)."""
 
-    ``first``: the fast path already admitted and sent the first attempt (``_fast_start``);
-    the call goes on from its result.
-    """
-    s = rt.settings
-    clock = rt.clock
-    start = record.started
-    total = rt.total_s if deadline_s is None else min(rt.total_s, deadline_s)
-    deadline = start + total
-    breaker = rt.breaker_for(record.endpoint)
-    if first is None:
-        yield from _admission(rt, record, breaker, total)
-    previous_reason = ""
-    last_status: int | None = None
-    try:
-        while True:
-            if first is not None:
-                permit, result = first
-                first = None
-            else:
-                permit_or_none = breaker.admit()
-                if permit_or_none is None:
-                    if last_status is not None:  # opened by this call's own failures
-                        return  # hand back the last response
-                    raise _refusal(rt, record, breaker)
-                permit = permit_or_none
-                record.attempts += 1
-                try:
-                    left = deadline - permit.started
-                    sent = yield Attempt(record.attempts, min(left, rt.attempt_s))
-                except BaseException:  # cancelled: free a probe slot, record nothing
-                    breaker.release(permit)
-                    raise
-                assert sent is not None  # noqa: S101 - the drivers always send a result
-                result = sent
-            try:
-                status = result.status
-                if status is not None and status < 400:  # the common case, inline
-                    outcome, reason = Outcome.SUCCESS, "ok"
-                else:
-                    outcome, reason = classify_result(result)
-                breaker.record(permit, outcome, reason)
-            except BaseException:  # whatever happens, a probe slot is never kept
-                breaker.release(permit)
-                raise
-            record.status = last_status = result.status
-            record.outcome, record.reason = outcome, reason
-            retry_after = None
-            if outcome is Outcome.THROTTLED:
-                retry_after = parse_retry_after(result.retry_after, clock.wall())
-                cool = retry_after if retry_after is not None else s.retry.throttle_cooldown_s
-                rt.cooldown.throttle(clock.monotonic(), cool)
-            if outcome is Outcome.SUCCESS or outcome is Outcome.CLIENT_ERROR:
-                return
-            now = clock.monotonic()
-            decision = decide_retry(
-                settings=s.retry,
-                # A body that cannot be sent twice makes the call unretryable, like a POST.
-                method=record.method if retryable_body else "",
+    __slots__ = (
+        "_entered",
+        "_last",
+        "_previous_reason",
+        "_retryable",
+        "_rng",
+        "breaker",
+        "deadline",
+        "permit",
+        "record",
+        "rt",
+    )
+
+    def __init__(
+        self,
+        rt: UpstreamRuntime,
+        record: CallRecord,
+        *,
+        deadline: float,
+        retryable_body: bool,
+        rng: random.Random,
+    ) -> None:
+        """Prepare a call that must end by ``deadline`` (on the guard's clock)."""
+        self.rt = rt
+        self.record = record
+        self.deadline = deadline
+        """The earlier of the inbound request's deadline and ``timeout.total_s``."""
+        self.breaker = rt.breaker or rt.breaker_for(record.endpoint)
+        self.permit: Permit | None = None
+        """The breaker permit of the attempt in flight, if one is."""
+        self._retryable = retryable_body
+        self._rng = rng
+        self._entered = False
+        self._previous_reason = ""
+        self._last: AttemptResult | None = None
+        """The last attempt's result, once one came back."""
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def begin(self) -> Attempt | Wait:
+        """The first step: wait out a short 429 cooldown, or take a place and admit."""
+        rt, record = self.rt, self.record
+        if self.breaker.current != CLOSED:  # closed is the record's default
+            record.breaker_state = self.breaker.state
+        left = rt.cooldown.until - record.started
+        if left > 0:
+            if left > rt.settings.retry.max_retry_after_s or record.started + left >= self.deadline:
+                record.outcome, record.reason = "refused", "cooldown"
+                raise _cooling(rt, left)
+            return Wait(left)
+        return self._enter()
+
+    def after(self, result: AttemptResult) -> Attempt | Wait | None:
+        """What follows an attempt: another after a wait, or the end (``None``: deliver it)."""
+        permit = self.permit
+        assert permit is not None  # noqa: S101 - an attempt always holds a permit
+        self.permit = None
+        record = self.record
+        status = result.status
+        if status is not None and status < 400:  # the hot path: a healthy answer
+            now = self.rt.clock.monotonic()
+            permit.breaker.record_success(permit, now)
+            record.status = status
+            record.outcome, record.reason = Outcome.SUCCESS, "ok"
+            return None
+        try:
+            outcome, reason = classify_result(result)
+            permit.breaker.record(permit, outcome, reason)
+        except BaseException:  # whatever happens, a probe slot is never kept
+            permit.breaker.release(permit)
+            raise
+        self._last = result
+        record.status = status
+        record.outcome, record.reason = outcome, reason
+        if outcome is Outcome.SUCCESS or outcome is Outcome.CLIENT_ERROR:
+            return None
+        return self._retry(result, outcome, reason)
+
+    def after_wait(self) -> Attempt | None:
+        """After a wait: the cooldown's end lets the call in; a backoff's may be cut short."""
+        if not self._entered:
+            return self._enter()
+        last = self._last
+        assert last is not None  # noqa: S101 - a backoff follows a result
+        left = self.rt.cooldown.remaining(self.rt.clock.monotonic())
+        if left > 0 and last.status != 429:
+            # Another call was throttled meanwhile: don't dig deeper.
+            if last.status is not None:
+                return None
+            raise _cooling(self.rt, left) from last.error
+        return self._admit()
+
+    def abandon(self, exc: BaseException) -> None:
+        """The attempt in flight raised ``exc``: the caller went away, or made a mistake.
+
+        Neither counts for or against the upstream. A cancellation (a ``BaseException``
+        that is not an ``Exception``) is recorded as ``cancelled``; anything else, such as an
+        unsupported scheme or an invalid argument, as the caller's ``client_error``.
+        """
+        if self.permit is not None:
+            self.permit.breaker.release(self.permit)
+            self.permit = None
+        if isinstance(exc, Exception):
+            self.record.outcome, self.record.reason = Outcome.CLIENT_ERROR, "invalid_request"
+        else:
+            self.record.outcome, self.record.reason = Outcome.CANCELLED, "cancelled"
+
+    def end(self) -> None:
+        """The call is over, however it ended: its duration, and its bulkhead place back."""
+        self.record.duration_s = self.rt.clock.monotonic() - self.record.started
+        if self._entered and self.rt.bulkhead is not None:
+            self.rt.bulkhead.release()
+
+    # -- inside the steps ----------------------------------------------------------------------
+
+    def _enter(self) -> Attempt:
+        rt = self.rt
+        if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
+            self.record.outcome, self.record.reason = "refused", "bulkhead_full"
+            raise BulkheadFullError(
+                f"{rt.name} already has {rt.settings.max_concurrency} calls in flight",
+                upstream=rt.name,
+                reason="bulkhead_full",
+                retry_after_s=None,
+            )
+        self._entered = True
+        rt.budget.deposit()
+        attempt = self._admit()
+        assert attempt is not None  # noqa: S101 - no result yet, so a refusal raises
+        return attempt
+
+    def _admit(self) -> Attempt | None:
+        """Ask the breaker for the next attempt; ``None`` hands the last response back."""
+        permit = self.breaker.admit()
+        record = self.record
+        if permit is None:
+            if self._last is not None and self._last.status is not None:
+                return None  # opened by this call's own failures: hand back the last response
+            raise self._refusal()
+        self.permit = permit
+        record.attempts += 1
+        left = self.deadline - permit.started
+        first = self.rt.first_attempt
+        if record.attempts == 1 and left >= first.timeout_s:
+            return first
+        return Attempt(record.attempts, min(left, self.rt.attempt_s))
+
+    def _refusal(self) -> CircuitOpenError:
+        breaker, record = self.breaker, self.record
+        wait = breaker.retry_after_s()
+        state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
+        if not record.attempts:
+            record.outcome, record.reason = "refused", "circuit_open"
+            record.breaker_state = state
+        return CircuitOpenError(
+            f"{breaker.name} breaker is {state}; not calling it",
+            upstream=self.rt.name,
+            reason="circuit_open",
+            # Half-open with every probe slot taken: worth asking again soon.
+            retry_after_s=wait or 1.0,
+        )
+
+    def _retry(self, result: AttemptResult, outcome: Outcome, reason: str) -> Wait | None:
+        rt, record = self.rt, self.record
+        clock = rt.clock
+        retry_after = None
+        if outcome is Outcome.THROTTLED:
+            retry_after = parse_retry_after(result.retry_after, clock.wall())
+            cool = retry_after if retry_after is not None else rt.settings.retry.throttle_cooldown_s
+            rt.cooldown.throttle(clock.monotonic(), cool)
+        now = clock.monotonic()
+        decision = decide_retry(
+            settings=rt.settings.retry,
+            # A body that cannot be sent twice makes the call unretryable, like a POST.
+            method=record.method if self._retryable else "",
+            attempt=record.attempts,
+            outcome=outcome,
+            reason=reason,
+            status=result.status,
+            retry_after_s=retry_after,
+            repeated_reason=reason == self._previous_reason,
+            remaining_s=self.deadline - now,
+            budget=rt.budget,
+            now=now,
+            rng=self._rng,
+        )
+        if record.retries is None:
+            record.retries = []
+        record.retries.append(
+            RetryEvent(
                 attempt=record.attempts,
-                outcome=outcome,
+                reason=decision.reason,
+                delay_s=decision.delay_s,
+                honoured_retry_after=decision.honoured_retry_after,
+                budget_left=rt.budget.tokens,
+                retried=decision.retry,
+            )
+        )
+        if not decision.retry:
+            if result.status is not None:
+                return None  # the last response goes back, so client libraries handle it
+            raise RetriesExhaustedError(
+                f"{rt.name} {record.method} {record.endpoint} failed after "
+                f"{record.attempts} attempt(s): {reason} ({decision.reason})",
+                upstream=rt.name,
                 reason=reason,
-                status=result.status,
-                retry_after_s=retry_after,
-                repeated_reason=reason == previous_reason,
-                remaining_s=deadline - now,
-                budget=rt.budget,
-                now=now,
-                rng=rng,
-            )
-            if record.retries is None:
-                record.retries = []
-            record.retries.append(
-                RetryEvent(
-                    attempt=record.attempts,
-                    reason=decision.reason,
-                    delay_s=decision.delay_s,
-                    honoured_retry_after=decision.honoured_retry_after,
-                    budget_left=rt.budget.tokens,
-                    retried=decision.retry,
-                )
-            )
-            if not decision.retry:
-                if result.status is not None:
-                    return  # the last response goes back, so client libraries handle it
-                raise RetriesExhaustedError(
-                    f"{rt.name} {record.method} {record.endpoint} failed after "
-                    f"{record.attempts} attempt(s): {reason} ({decision.reason})",
-                    upstream=rt.name,
-                    reason=reason,
-                    retry_after_s=rt.retry_after_s() or None,
-                ) from result.error
-            previous_reason = reason
-            yield Wait(decision.delay_s)
-            left = rt.cooldown.remaining(clock.monotonic())
-            if left > 0 and outcome is not Outcome.THROTTLED:
-                # Another call was throttled meanwhile: don't dig deeper.
-                if last_status is not None:
-                    return
-                raise RateLimitedError(
-                    f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
-                    upstream=rt.name,
-                    reason="cooldown",
-                    retry_after_s=left,
-                ) from result.error
-    except GeneratorExit:
-        record.outcome, record.reason = "cancelled", "cancelled"
-        raise
-    finally:
-        record.duration_s = clock.monotonic() - start
-        if rt.bulkhead is not None:
-            rt.bulkhead.release()
-
-
-def _fast_start(
-    rt: UpstreamRuntime, record: CallRecord, deadline_s: float | None
-) -> tuple[Permit, Attempt] | None:
-    """The first attempt, when nothing stands in its way; None leaves it to ``guarded_call``.
-
-    Nothing in the way: a closed breaker (which admits every call), no cooldown, no
-    bulkhead. Does the bookkeeping of ``_admission`` (the retry budget's deposit). An open
-    breaker before its reset timeout refuses here, as ``guarded_call`` would.
-    """
-    if rt.bulkhead is not None or rt.cooldown.until > record.started:
-        return None
-    breaker = rt.breaker or rt.breaker_for(record.endpoint)
-    generation = breaker.generation  # before the state: a transition in between makes it stale
-    if breaker.current != CLOSED:
-        if breaker.current == OPEN and breaker.retry_after_s() > 0:
-            rt.budget.deposit()  # as _admission does before the refusal
-            record.duration_s = rt.clock.monotonic() - record.started
-            raise _refusal(rt, record, breaker)
-        return None
-    rt.budget.deposit()
-    record.attempts = 1
-    opening = rt.first_attempt
-    if deadline_s is not None and deadline_s < opening.timeout_s:
-        opening = Attempt(1, deadline_s)
-    return Permit(breaker, generation, False, record.started), opening
-
-
-def _fast_done(rt: UpstreamRuntime, record: CallRecord, permit: Permit, status: int | None) -> bool:
-    """Record the fast path's attempt and end the call, if it was a healthy answer."""
-    if status is None or status >= 400:
-        return False  # guarded_call classifies it and decides what follows
-    now = rt.clock.monotonic()
-    permit.breaker.record_success(permit, now)
-    record.status = status
-    record.outcome = Outcome.SUCCESS
-    record.reason = "ok"
-    record.duration_s = now - record.started
-    return True
-
-
-def _abandoned(rt: UpstreamRuntime, record: CallRecord, permit: Permit) -> None:
-    """The fast path's attempt did not finish (cancelled, or a bug below): record nothing."""
-    permit.breaker.release(permit)
-    record.outcome, record.reason = "cancelled", "cancelled"
-    record.duration_s = rt.clock.monotonic() - record.started
-
-
-def run_in_thread(
-    rt: UpstreamRuntime,
-    record: CallRecord,
-    attempt: Callable[[Attempt], tuple[Any, AttemptResult]],
-    *,
-    retryable_body: bool,
-    deadline_s: float | None,
-    rng: random.Random,
-) -> Any:
-    """Run one call in this thread: the sync loop of httpx and requests.
-
-    ``attempt`` sends once; returns the response to hand back, or raises the call's
-    ``UpstreamUnavailable``. Responses that a retry replaces are closed.
-    """
-    first = None
-    response: Any = None
-    fast = _fast_start(rt, record, deadline_s)
-    if fast is not None:
-        permit, opening = fast
-        try:
-            response, result = attempt(opening)
-        except BaseException:
-            _abandoned(rt, record, permit)
-            raise
-        if _fast_done(rt, record, permit, result.status):
-            return response
-        first = (permit, result)
-    call = guarded_call(
-        rt, record, retryable_body=retryable_body, deadline_s=deadline_s, rng=rng, first=first
-    )
-    try:
-        action = next(call)
-        while True:
-            if type(action) is Wait:
-                rt.clock.sleep_sync(action.seconds)
-                # The call may end here too (its own failures opened the breaker meanwhile).
-                action = call.send(None)
-                continue
-            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-            if response is not None:
-                response.close()
-            response, result = attempt(action)
-            action = call.send(result)
-    except StopIteration:
-        return response
-    finally:
-        call.close()
-
-
-async def run_in_task(
-    rt: UpstreamRuntime,
-    record: CallRecord,
-    attempt: Callable[[Attempt], Awaitable[tuple[Any, AttemptResult]]],
-    *,
-    retryable_body: bool,
-    deadline_s: float | None,
-    rng: random.Random,
-) -> Any:
-    """``run_in_thread``'s twin for async code: waits and attempts are awaited."""
-    first = None
-    response: Any = None
-    fast = _fast_start(rt, record, deadline_s)
-    if fast is not None:
-        permit, opening = fast
-        try:
-            response, result = await attempt(opening)
-        except BaseException:
-            _abandoned(rt, record, permit)
-            raise
-        if _fast_done(rt, record, permit, result.status):
-            return response
-        first = (permit, result)
-    call = guarded_call(
-        rt, record, retryable_body=retryable_body, deadline_s=deadline_s, rng=rng, first=first
-    )
-    try:
-        action = next(call)
-        while True:
-            if type(action) is Wait:
-                await rt.clock.sleep(action.seconds)
-                action = call.send(None)
-                continue
-            assert isinstance(action, Attempt)  # noqa: S101 - narrowed for the type checker
-            if response is not None:
-                await response.aclose()
-            response, result = await attempt(action)
-            action = call.send(result)
-    except StopIteration:
-        return response
-    finally:
-        call.close()
-
-
-__all__ = [
-    "Attempt",
-    "AttemptResult",
-    "CallRecord",
-    "Hook",
-    "UpstreamRuntime",
-    "UpstreamUnavailable",
-    "Wait",
-    "guarded_call",
-    "run_in_task",
-    "run_in_thread",
-]
+                retry_after_s=rt.retry_after_s() or None,
+            ) from result.error
+        self._previous_reason = reason
+        return Wait(decision.delay_s)

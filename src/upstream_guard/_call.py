@@ -1,0 +1,324 @@
+"""One guarded call, written once for every client library.
+
+A client library is an adapter (``SyncAdapter`` or ``AsyncAdapter``): it sends one attempt
+with a timeout, reads a failure answer's body without taking it from the caller, closes a
+response, watches a body, builds a stale response and names its errors. Everything else is
+here, once: the record, the deadline, the decisions (``GuardedCall``), the stale copy, the
+mapping of errors to the client's own classes, telemetry and events. ``run_sync`` and
+``run_async`` are twins that differ only in ``await`` (a test keeps them so).
+
+Every entry point (explicit transports, instrumented clients) goes the same way: find the
+guard, skip if a guard is already driving this call, match the host (``route``), then run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import _telemetry as telemetry
+from ._body import BodyWatch
+from ._cache import cache_key, stale_headers, storable, wants_no_copy
+from ._classify import needs_body, readable
+from ._context import guarding, request_context, state
+from ._errors import UpstreamUnavailable, as_client_error, is_client_error
+from ._pipeline import HEALTHY, Attempt, AttemptResult, CallRecord, GuardedCall, Wait
+
+if TYPE_CHECKING:
+    from ._cache import CachedResponse
+    from ._guard import Guard
+    from ._pipeline import UpstreamRuntime
+
+
+class _Adapter(Protocol):
+    """What sync and async adapters share: everything but I/O."""
+
+    base_error: type[Exception]
+    """The client's family of transport errors; our errors are instances of it too."""
+    attempt_errors: tuple[type[BaseException], ...]
+    """What an attempt may raise: upstream trouble, or a caller's mistake (``error_kind``)."""
+    instrumentation: str | None
+    """The OpenTelemetry instrumentation that makes this client's attempt spans, if any."""
+
+    def location(self, request: Any) -> Any:
+        """The URL: ``host``, ``port`` and ``scheme`` to match; ``str()``, the whole URL."""
+
+    def target(self, request: Any) -> tuple[str, str]:
+        """The method and the (still percent-encoded) path."""
+
+    def header(self, message: Any, name: str) -> str | None:
+        """A header of a request or response."""
+
+    def headers(self, request: Any) -> Any:
+        """The request's headers, writable (trace context goes in)."""
+
+    def all_headers(self, response: Any) -> list[tuple[str, str]]:
+        """Every header of a response, as (name, value) text pairs."""
+
+    def status(self, response: Any) -> int:
+        """The response's status code."""
+
+    def error_kind(self, exc: BaseException) -> str | None:
+        """``timeout``, ``connect_error`` or ``network_error``; None: the caller's mistake."""
+
+    def watch(self, response: Any, watch: BodyWatch) -> None:
+        """Have reads of the response's body go through ``watch``."""
+
+    def late_error(self, request: Any) -> Exception:
+        """The client's own read-timeout error, for a body that outlasts the deadline."""
+
+    def stale(self, request: Any, entry: CachedResponse, headers: list[tuple[str, str]]) -> Any:
+        """A response built from a stored copy."""
+
+
+class SyncAdapter(_Adapter, Protocol):
+    """A client whose calls block a thread (httpx.Client, requests)."""
+
+    def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
+        """Make the body sendable twice if the method may be retried; whether it is."""
+
+    def send(self, request: Any, timeout_s: float) -> Any:
+        """Send one attempt, bounded by ``timeout_s``."""
+
+    def read_failure(self, response: Any) -> bytes:
+        """The body of a failure answer, read so that the caller can read it again."""
+
+    def read_copy(self, response: Any) -> bytes | None:
+        """The decoded body of an answer to keep, read so that the caller can read it again."""
+
+    def close(self, response: Any) -> None:
+        """Close a response a retry replaces."""
+
+
+class AsyncAdapter(_Adapter, Protocol):
+    """A client whose calls are awaited (httpx.AsyncClient, aiohttp)."""
+
+    async def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
+        """Make the body sendable twice if the method may be retried; whether it is."""
+
+    async def send(self, request: Any, timeout_s: float) -> Any:
+        """Send one attempt, bounded by ``timeout_s``."""
+
+    async def read_failure(self, response: Any) -> bytes:
+        """The body of a failure answer, read so that the caller can read it again."""
+
+    async def read_copy(self, response: Any) -> bytes | None:
+        """The decoded body of an answer to keep, read so that the caller can read it again."""
+
+    async def close(self, response: Any) -> None:
+        """Close a response a retry replaces."""
+
+
+def route(guard: Guard | None, location: Any) -> UpstreamRuntime | None:
+    """The upstream a URL is guarded as; None passes the call straight through.
+
+    The one way in for every client: no guard, or a guard already driving this call (an
+    instrumented transport under a guarded one), or a host no upstream names: pass.
+    """
+    if guard is None or guarding.get():
+        return None
+    return guard._upstream_for(location)  # noqa: SLF001 - the package's own
+
+
+class Exchange:
+    """One call's state, shared by the twins: record, decisions, stale key, context."""
+
+    __slots__ = ("adapter", "copying", "core", "ctx", "guard", "key", "record", "request", "token")
+
+    def __init__(
+        self, guard: Guard, rt: UpstreamRuntime, adapter: _Adapter, request: Any, replayable: bool
+    ) -> None:
+        """Start the call now: its record, its deadline, its span."""
+        self.guard = guard
+        self.adapter = adapter
+        self.request = request
+        self.ctx = ctx = request_context.get()
+        method, path = adapter.target(request)
+        started = rt.clock.monotonic()
+        self.record = record = CallRecord(rt.name, rt.matcher.match(path), method, started)
+        deadline = started + rt.total_s
+        if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
+            deadline = ctx.deadline
+        self.core = GuardedCall(
+            rt, record, deadline=deadline, retryable_body=replayable, rng=guard.rng
+        )
+        self.key = None if rt.stale is None else self._stale_key(method)
+        self.copying = False
+        self.token = guarding.set(True) if state.patched else None
+        if guard._telemetry.tracing():  # noqa: SLF001 - the package's own
+            url = adapter.location(request)
+            own = not telemetry.official_instrumentation(adapter.instrumentation)
+            record.span = telemetry.CallSpan(record, url.host, url.port, attempt_spans=own)
+
+    def _stale_key(self, method: str) -> str | None:
+        if method != "GET":
+            return None
+        header, request = self.adapter.header, self.request
+        if wants_no_copy(header(request, "cache-control")):
+            return None
+        url = str(self.adapter.location(request))
+        return cache_key(self.record.upstream, url, lambda name: header(request, name))
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    def attempt_started(self, action: Attempt) -> Any:
+        """The attempt's span, if one is recorded (its context goes out with the request)."""
+        if self.record.span is None:
+            return None
+        url = self.adapter.location(self.request)
+        span = self.record.span.attempt(action.number, str(url), url.host, url.port)
+        if span is not None:
+            telemetry.inject(span, self.adapter.headers(self.request))
+        return span
+
+    def failed(self, exc: BaseException) -> AttemptResult:
+        """An attempt's error: upstream trouble, or (raised again) the caller's mistake."""
+        kind = self.adapter.error_kind(exc)
+        if kind is None:
+            raise exc
+        return AttemptResult(error_kind=kind, error=exc)
+
+    def answered(self, response: Any, status: int, body: bytes | None) -> AttemptResult:
+        """An answer's result (healthy ones come from ``HEALTHY`` without this call)."""
+        header = self.adapter.header
+        retry_after = header(response, "retry-after")
+        text = readable(body or b"", header(response, "content-encoding"))
+        return AttemptResult(status=status, retry_after=retry_after, body=text)
+
+    def attempt_ended(self, span: Any, result: AttemptResult) -> None:
+        """End the attempt's span, if there is one."""
+        if span is not None:
+            telemetry.CallSpan.attempt_done(span, result.status, result.error)
+
+    # -- the answer ----------------------------------------------------------------------------
+
+    def delivered(self, response: Any) -> Any:
+        """What the caller gets: the answer (its body watched), or a stale copy of it."""
+        status = self.adapter.status(response)
+        if self.key is not None:
+            if status >= 500 or status == 429:
+                return self._stale() or response
+            self.copying = storable(status, self.adapter.header(response, "cache-control"))
+        if self.ctx is not None or self.copying:
+            self.adapter.watch(response, BodyWatch(self))
+        return response
+
+    def keep(self, response: Any, body: bytes | None) -> None:
+        """Keep the copy read by ``read_copy`` (None: it could not be decoded)."""
+        stale = self.core.rt.stale
+        if body is not None and stale is not None and self.key is not None:
+            headers = self.adapter.all_headers(response)
+            stale.put(self.key, self.adapter.status(response), headers, body)
+
+    def _stale(self) -> Any:
+        stale = self.core.rt.stale
+        found = None if self.key is None or stale is None else stale.get(self.key)
+        if found is None:
+            return None
+        entry, age = found
+        self.record.outcome = "stale"
+        return self.adapter.stale(self.request, entry, stale_headers(entry, age))
+
+    def stale_or_raise(self, exc: UpstreamUnavailable) -> Any:
+        """A stale copy if one may stand in; else the error, as the client's own class."""
+        stale = self._stale()
+        if stale is not None:
+            return stale
+        if is_client_error(exc):  # a watched body's error: mapped already
+            raise exc
+        raise as_client_error(
+            exc, base=self.adapter.base_error, request=self.request
+        ) from exc.__cause__
+
+    def finish(self) -> None:
+        """The call is over, however it ended: record, context, telemetry, events."""
+        self.core.end()
+        if self.token is not None:
+            guarding.reset(self.token)
+        record = self.record
+        if record.span is not None:
+            record.span.end()
+        if self.ctx is not None:
+            self.ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
+        self.guard._telemetry.finished(record)  # noqa: SLF001 - the package's own
+        if self.guard._subscribers.listeners:  # noqa: SLF001
+            self.guard._subscribers.publish(record)  # noqa: SLF001
+
+
+def run_sync(guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: Any) -> Any:
+    """Run one guarded call for a sync client: the response, or the client's error."""
+    replayable = adapter.prepare(request, rt.replay_methods)
+    x = Exchange(guard, rt, adapter, request, replayable)
+    core = x.core
+    response = None
+    try:
+        step: Attempt | Wait | None = core.begin()
+        while step is not None:
+            if isinstance(step, Wait):
+                rt.clock.sleep_sync(step.seconds)
+                step = core.after_wait()
+                continue
+            if response is not None:
+                adapter.close(response)
+            span = x.attempt_started(step)
+            try:
+                response = adapter.send(request, step.timeout_s)
+                status = adapter.status(response)
+                body = adapter.read_failure(response) if needs_body(status) else None
+            except adapter.attempt_errors as exc:
+                response, result = None, x.failed(exc)
+            else:
+                result = HEALTHY.get(status) or x.answered(response, status, body)
+            x.attempt_ended(span, result)
+            step = core.after(result)
+        response = x.delivered(response)
+        if x.copying:
+            x.keep(response, adapter.read_copy(response))
+    except UpstreamUnavailable as exc:
+        return x.stale_or_raise(exc)
+    except BaseException as exc:
+        core.abandon(exc)
+        raise
+    else:
+        return response
+    finally:
+        x.finish()
+
+
+async def run_async(guard: Guard, rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any) -> Any:
+    """Run one guarded call for an async client: the response, or the client's error."""
+    replayable = await adapter.prepare(request, rt.replay_methods)
+    x = Exchange(guard, rt, adapter, request, replayable)
+    core = x.core
+    response = None
+    try:
+        step: Attempt | Wait | None = core.begin()
+        while step is not None:
+            if isinstance(step, Wait):
+                await rt.clock.sleep(step.seconds)
+                step = core.after_wait()
+                continue
+            if response is not None:
+                await adapter.close(response)
+            span = x.attempt_started(step)
+            try:
+                response = await adapter.send(request, step.timeout_s)
+                status = adapter.status(response)
+                body = await adapter.read_failure(response) if needs_body(status) else None
+            except adapter.attempt_errors as exc:
+                response, result = None, x.failed(exc)
+            else:
+                result = HEALTHY.get(status) or x.answered(response, status, body)
+            x.attempt_ended(span, result)
+            step = core.after(result)
+        response = x.delivered(response)
+        if x.copying:
+            x.keep(response, await adapter.read_copy(response))
+    except UpstreamUnavailable as exc:
+        return x.stale_or_raise(exc)
+    except BaseException as exc:
+        core.abandon(exc)
+        raise
+    else:
+        return response
+    finally:
+        x.finish()
