@@ -606,7 +606,7 @@ def check_call(
     upstream: Upstream,
 ) -> None:
     """A response or an UpstreamUnavailable, and waits within the upstream's settings."""
-    rt = guard._upstream_for(request.url)
+    rt = guard._route(request.url)
     if rt is None:  # not a guarded host: passed straight through
         assert not waits
         assert upstream.requests == 1

@@ -27,10 +27,10 @@ class BodyWatch:
         """Watch the body of ``exchange``'s answer, up to the call's deadline."""
         self._adapter = exchange.adapter
         self._ctx = exchange.ctx
-        self._rt = exchange.core.rt
-        self._record = exchange.record
+        self._rt = exchange.rt
+        self._record = exchange
         self._request = exchange.request
-        self._deadline = exchange.core.deadline
+        self._deadline = exchange.deadline
 
     def passed(self, chunk: bytes) -> bytes:
         """The chunk, if it came before the deadline; else the client's read timeout."""

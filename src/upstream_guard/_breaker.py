@@ -180,9 +180,10 @@ class Breaker:
 
     # -- admission -----------------------------------------------------------------------
 
-    def admit(self) -> Permit | None:
-        """A permit for one attempt, or None when the breaker refuses it."""
-        now = self._clock.monotonic()
+    def admit(self, now: float | None = None) -> Permit | None:
+        """A permit for an attempt starting ``now`` (default: the clock's), or None: refused."""
+        if now is None:
+            now = self._clock.monotonic()
         generation = self.generation  # before the state: a transition in between makes it stale
         if self.current == CLOSED:  # the hot path: no lock, no pybreaker
             return Permit(self, generation, False, now)

@@ -13,15 +13,16 @@ guard, skip if a guard is already driving this call, match the host (``route``),
 
 from __future__ import annotations
 
+from contextvars import Token
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _telemetry as telemetry
 from ._body import BodyWatch
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
-from ._classify import needs_body, readable
+from ._classify import FAILURE_BODY, readable
 from ._context import guarding, request_context, state
 from ._errors import UpstreamUnavailable, as_client_error, is_client_error
-from ._pipeline import HEALTHY, Attempt, AttemptResult, CallRecord, GuardedCall, Wait
+from ._pipeline import HEALTHY, Attempt, AttemptResult, GuardedCall, Wait
 
 if TYPE_CHECKING:
     from ._cache import CachedResponse
@@ -76,8 +77,8 @@ class SyncAdapter(_Adapter, Protocol):
     def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
         """Make the body sendable twice if the method may be retried; whether it is."""
 
-    def send(self, request: Any, timeout_s: float) -> Any:
-        """Send one attempt, bounded by ``timeout_s``."""
+    def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
+        """Send one attempt with ``sender``, bounded by ``timeout_s``."""
 
     def read_failure(self, response: Any) -> bytes:
         """The body of a failure answer, read so that the caller can read it again."""
@@ -95,8 +96,8 @@ class AsyncAdapter(_Adapter, Protocol):
     async def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
         """Make the body sendable twice if the method may be retried; whether it is."""
 
-    async def send(self, request: Any, timeout_s: float) -> Any:
-        """Send one attempt, bounded by ``timeout_s``."""
+    async def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
+        """Send one attempt with ``sender``, bounded by ``timeout_s``."""
 
     async def read_failure(self, response: Any) -> bytes:
         """The body of a failure answer, read so that the caller can read it again."""
@@ -108,46 +109,52 @@ class AsyncAdapter(_Adapter, Protocol):
         """Close a response a retry replaces."""
 
 
-def route(guard: Guard | None, location: Any) -> UpstreamRuntime | None:
-    """The upstream a URL is guarded as; None passes the call straight through.
+class Exchange(GuardedCall):
+    """One call: its decisions and record (``GuardedCall``), and what the twins share of it.
 
-    The one way in for every client: no guard, or a guard already driving this call (an
-    instrumented transport under a guarded one), or a host no upstream names: pass.
+    One object per call. Defaults live on the class: a call that keeps no copy and records
+    no span sets little.
     """
-    if guard is None or guarding.get():
-        return None
-    return guard._upstream_for(location)  # noqa: SLF001 - the package's own
 
+    key: str | None = None
+    """The stale cache's key for this call, when a copy may be kept or served."""
+    copying = False
+    """Whether the delivered answer's body is read to keep a copy."""
+    token: Token[bool] | None = None
+    traced = False
+    """Whether the call records spans (an OpenTelemetry SDK is installed)."""
 
-class Exchange:
-    """One call's state, shared by the twins: record, decisions, stale key, context."""
-
-    __slots__ = ("adapter", "copying", "core", "ctx", "guard", "key", "record", "request", "token")
-
-    def __init__(
-        self, guard: Guard, rt: UpstreamRuntime, adapter: _Adapter, request: Any, replayable: bool
+    def __init__(  # noqa: PLR0917 - positional: built once per call, on the hot path
+        self,
+        guard: Guard,
+        rt: UpstreamRuntime,
+        adapter: _Adapter,
+        request: Any,
+        sender: Any,
+        replayable: bool,
     ) -> None:
         """Start the call now: its record, its deadline, its span."""
         self.guard = guard
         self.adapter = adapter
         self.request = request
+        self.sender = sender
         self.ctx = ctx = request_context.get()
         method, path = adapter.target(request)
         started = rt.clock.monotonic()
-        self.record = record = CallRecord(rt.name, rt.matcher.match(path), method, started)
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
             deadline = ctx.deadline
-        self.core = GuardedCall(
-            rt, record, deadline=deadline, retryable_body=replayable, rng=guard.rng
-        )
-        self.key = None if rt.stale is None else self._stale_key(method)
-        self.copying = False
-        self.token = guarding.set(True) if state.patched else None
-        if guard._telemetry.tracing():  # noqa: SLF001 - the package's own
+        endpoint = rt.matcher.match(path)
+        super().__init__(rt, endpoint, method, started, deadline, replayable)
+        if rt.stale is not None:
+            self.key = self._stale_key(method)
+        if state.patched:
+            self.token = guarding.set(True)
+        if guard._telemetry.tracing(started):  # noqa: SLF001 - the package's own
+            self.traced = True
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
-            record.span = telemetry.CallSpan(record, url.host, url.port, attempt_spans=own)
+            self.span = telemetry.CallSpan(self, url.host, url.port, attempt_spans=own)
 
     def _stale_key(self, method: str) -> str | None:
         if method != "GET":
@@ -156,16 +163,14 @@ class Exchange:
         if wants_no_copy(header(request, "cache-control")):
             return None
         url = str(self.adapter.location(request))
-        return cache_key(self.record.upstream, url, lambda name: header(request, name))
+        return cache_key(self.upstream, url, lambda name: header(request, name))
 
     # -- attempts ------------------------------------------------------------------------------
 
     def attempt_started(self, action: Attempt) -> Any:
-        """The attempt's span, if one is recorded (its context goes out with the request)."""
-        if self.record.span is None:
-            return None
+        """The attempt's span (its context goes out with the request), if one is made."""
         url = self.adapter.location(self.request)
-        span = self.record.span.attempt(action.number, str(url), url.host, url.port)
+        span = self.span.attempt(action.number, str(url), url.host, url.port)
         if span is not None:
             telemetry.inject(span, self.adapter.headers(self.request))
         return span
@@ -184,16 +189,10 @@ class Exchange:
         text = readable(body or b"", header(response, "content-encoding"))
         return AttemptResult(status=status, retry_after=retry_after, body=text)
 
-    def attempt_ended(self, span: Any, result: AttemptResult) -> None:
-        """End the attempt's span, if there is one."""
-        if span is not None:
-            telemetry.CallSpan.attempt_done(span, result.status, result.error)
-
     # -- the answer ----------------------------------------------------------------------------
 
-    def delivered(self, response: Any) -> Any:
+    def delivered(self, response: Any, status: int) -> Any:
         """What the caller gets: the answer (its body watched), or a stale copy of it."""
-        status = self.adapter.status(response)
         if self.key is not None:
             if status >= 500 or status == 429:
                 return self._stale() or response
@@ -204,18 +203,18 @@ class Exchange:
 
     def keep(self, response: Any, body: bytes | None) -> None:
         """Keep the copy read by ``read_copy`` (None: it could not be decoded)."""
-        stale = self.core.rt.stale
+        stale = self.rt.stale
         if body is not None and stale is not None and self.key is not None:
             headers = self.adapter.all_headers(response)
             stale.put(self.key, self.adapter.status(response), headers, body)
 
     def _stale(self) -> Any:
-        stale = self.core.rt.stale
+        stale = self.rt.stale
         found = None if self.key is None or stale is None else stale.get(self.key)
         if found is None:
             return None
         entry, age = found
-        self.record.outcome = "stale"
+        self.outcome = "stale"
         return self.adapter.stale(self.request, entry, stale_headers(entry, age))
 
     def stale_or_raise(self, exc: UpstreamUnavailable) -> Any:
@@ -231,52 +230,56 @@ class Exchange:
 
     def finish(self) -> None:
         """The call is over, however it ended: record, context, telemetry, events."""
-        self.core.end()
+        self.end()
         if self.token is not None:
             guarding.reset(self.token)
-        record = self.record
-        if record.span is not None:
-            record.span.end()
+        if self.span is not None:
+            self.span.end()
         if self.ctx is not None:
-            self.ctx.note(record.upstream, record.outcome, record.reason, record.duration_s)
-        self.guard._telemetry.finished(record)  # noqa: SLF001 - the package's own
-        if self.guard._subscribers.listeners:  # noqa: SLF001
-            self.guard._subscribers.publish(record)  # noqa: SLF001
+            self.ctx.note(self.upstream, self.outcome, self.reason, self.duration_s)
+        guard = self.guard
+        if guard._telemetry.metrics:  # noqa: SLF001 - the package's own
+            telemetry.record_metrics(self)
+        if guard._subscribers.listeners:  # noqa: SLF001
+            guard._subscribers.publish(self)  # noqa: SLF001
 
 
-def run_sync(guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: Any) -> Any:
+def run_sync(  # noqa: C901 - one call's steps read best in one place
+    guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: Any, sender: Any
+) -> Any:
     """Run one guarded call for a sync client: the response, or the client's error."""
     replayable = adapter.prepare(request, rt.replay_methods)
-    x = Exchange(guard, rt, adapter, request, replayable)
-    core = x.core
+    x = Exchange(guard, rt, adapter, request, sender, replayable)
     response = None
+    status = 0
     try:
-        step: Attempt | Wait | None = core.begin()
+        step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
                 rt.clock.sleep_sync(step.seconds)
-                step = core.after_wait()
+                step = x.after_wait()
                 continue
             if response is not None:
                 adapter.close(response)
-            span = x.attempt_started(step)
+            span = x.attempt_started(step) if x.traced else None
             try:
-                response = adapter.send(request, step.timeout_s)
+                response = adapter.send(request, step.timeout_s, sender)
                 status = adapter.status(response)
-                body = adapter.read_failure(response) if needs_body(status) else None
+                body = adapter.read_failure(response) if status in FAILURE_BODY else None
             except adapter.attempt_errors as exc:
                 response, result = None, x.failed(exc)
             else:
                 result = HEALTHY.get(status) or x.answered(response, status, body)
-            x.attempt_ended(span, result)
-            step = core.after(result)
-        response = x.delivered(response)
+            if span is not None:
+                telemetry.CallSpan.attempt_done(span, result.status, result.error)
+            step = x.after(result)
+        response = x.delivered(response, status)
         if x.copying:
             x.keep(response, adapter.read_copy(response))
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:
-        core.abandon(exc)
+        x.abandon(exc)
         raise
     else:
         return response
@@ -284,39 +287,42 @@ def run_sync(guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: A
         x.finish()
 
 
-async def run_async(guard: Guard, rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any) -> Any:
+async def run_async(  # noqa: C901 - one call's steps read best in one place
+    guard: Guard, rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any, sender: Any
+) -> Any:
     """Run one guarded call for an async client: the response, or the client's error."""
     replayable = await adapter.prepare(request, rt.replay_methods)
-    x = Exchange(guard, rt, adapter, request, replayable)
-    core = x.core
+    x = Exchange(guard, rt, adapter, request, sender, replayable)
     response = None
+    status = 0
     try:
-        step: Attempt | Wait | None = core.begin()
+        step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
                 await rt.clock.sleep(step.seconds)
-                step = core.after_wait()
+                step = x.after_wait()
                 continue
             if response is not None:
                 await adapter.close(response)
-            span = x.attempt_started(step)
+            span = x.attempt_started(step) if x.traced else None
             try:
-                response = await adapter.send(request, step.timeout_s)
+                response = await adapter.send(request, step.timeout_s, sender)
                 status = adapter.status(response)
-                body = await adapter.read_failure(response) if needs_body(status) else None
+                body = await adapter.read_failure(response) if status in FAILURE_BODY else None
             except adapter.attempt_errors as exc:
                 response, result = None, x.failed(exc)
             else:
                 result = HEALTHY.get(status) or x.answered(response, status, body)
-            x.attempt_ended(span, result)
-            step = core.after(result)
-        response = x.delivered(response)
+            if span is not None:
+                telemetry.CallSpan.attempt_done(span, result.status, result.error)
+            step = x.after(result)
+        response = x.delivered(response, status)
         if x.copying:
             x.keep(response, await adapter.read_copy(response))
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:
-        core.abandon(exc)
+        x.abandon(exc)
         raise
     else:
         return response

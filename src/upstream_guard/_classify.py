@@ -49,9 +49,8 @@ def classify_status(status: int, body: bytes = b"") -> tuple[Outcome, str]:
     return Outcome.CLIENT_ERROR, f"status_{status}"
 
 
-def needs_body(status: int) -> bool:
-    """Whether ``classify_status`` and the retry decision want to read this response's body."""
-    return status >= 500 or status == 429
+FAILURE_BODY = frozenset({429, *range(500, 1000)})
+"""Statuses whose body ``classify_status`` and the retry decision read (a proxy's marker)."""
 
 
 def readable(body: bytes, content_encoding: str | None) -> bytes:

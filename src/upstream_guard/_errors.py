@@ -80,7 +80,8 @@ def as_client_error(
     if isinstance(error, RetriesExhaustedError) and cause is not None:
         cls = _both(type(error), type(cause), type(cause).__name__)
     if cause is not None and cls is not type(error):  # combined with the cause's class
-        mapped = cls.__new__(cls, *cause.args)
+        mapped = cls.__new__(cls)
+        mapped.args = cause.args  # set here: OSError's __new__ leaves them to an __init__
         attributes = dict(cause.__dict__)
         notes = attributes.pop("__notes__", [])
         mapped.__dict__.update(attributes)

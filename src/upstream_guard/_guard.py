@@ -10,6 +10,7 @@ from . import _instrument
 from . import _telemetry as telemetry
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
+from ._context import guarding
 from ._events import CallEvent, Subscribers
 from ._pipeline import UpstreamRuntime
 from ._settings import GuardSettings, ascii_host
@@ -65,7 +66,7 @@ class Guard:
         for name, upstream in self.settings.upstreams.items():
             if not upstream.enabled:
                 continue
-            rt = UpstreamRuntime(name, upstream, self.clock, self.state_hooks)
+            rt = UpstreamRuntime(name, upstream, self.clock, self.state_hooks, self.rng)
             self.upstreams[name] = rt
             for entry in upstream.hosts:
                 host, port = _split_host(entry)
@@ -78,8 +79,15 @@ class Guard:
                         ports[port] = rt
                     self._hosts[form] = (any_port, ports)
 
-    def _upstream_for(self, url: Any) -> UpstreamRuntime | None:
-        """The upstream a URL (``host``, ``port``, ``scheme``) belongs to; None: not guarded."""
+    def _route(self, url: Any) -> UpstreamRuntime | None:
+        """The upstream a call to ``url`` is guarded as; None passes it straight through.
+
+        The one way in for every client (``url`` has ``host``, ``port`` and ``scheme``):
+        a call made while a guard already drives one (an instrumented transport under a
+        guarded one), or to a host no upstream names, passes.
+        """
+        if guarding.get():
+            return None
         found = self._hosts.get(url.host)
         if found is None:
             return None

@@ -24,25 +24,23 @@ _PHASES = ("connect", "read", "write", "pool")
 
 
 class _Adapter:
-    __slots__ = ("_send", "_timeouts")
+    # One per transport (or per module, for instrumented ones): it keeps no call's state.
+    __slots__ = ()
     module: Any  # httpx or httpx2, set per flavour
     base_error: type[Exception]
     attempt_errors: tuple[type[BaseException], ...]
     instrumentation: str | None
     body: Callable[[Any, BodyWatch], Any]  # the watched stream's class
 
-    def __init__(self, send: Callable[[Any], Any], request: Any) -> None:
-        self._send = send  # sends one attempt
-        self._timeouts: dict[str, float | None] = request.extensions.get("timeout") or {}
-
-    def _bound(self, request: Any, seconds: float) -> None:
-        # Cap the caller's own timeouts (kept from before the first attempt) at ``seconds``.
-        base = self._timeouts or dict.fromkeys(_PHASES)
-        for limit in base.values():  # a loop, not any(): no generator on the hot path
-            if limit is None or limit > seconds:
-                capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
-                request.extensions = {**request.extensions, "timeout": capped}
-                return
+    @staticmethod
+    def _bound(request: Any, seconds: float) -> None:
+        # Cap the request's timeouts at ``seconds``. A retry's cap is never longer than the
+        # attempt's before it, so capping what an earlier attempt capped comes to the same.
+        base = request.extensions.get("timeout") or dict.fromkeys(_PHASES)
+        limits = base.values()
+        if None in limits or max(limits) > seconds:
+            capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
+            request.extensions = {**request.extensions, "timeout": capped}
 
     location = staticmethod(lambda request: request.url)
     headers = staticmethod(lambda request: request.headers)
@@ -93,11 +91,9 @@ class _Adapter:
 
 class _Async(_Adapter):
     # ``cancel_scope``: for inner transports that may ignore httpx's timeouts.
-
     __slots__ = ("_cancel_scope",)
 
-    def __init__(self, send: Callable[[Any], Any], request: Any, cancel_scope: bool) -> None:
-        super().__init__(send, request)
+    def __init__(self, *, cancel_scope: bool) -> None:
         self._cancel_scope = cancel_scope
 
     async def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
@@ -105,13 +101,13 @@ class _Async(_Adapter):
             await request.aread()  # a retry must be able to send the body again
         return True
 
-    async def send(self, request: Any, timeout_s: float) -> Any:
+    async def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         self._bound(request, timeout_s)
         if not self._cancel_scope:
-            return await self._send(request)
+            return await sender(request)
         try:
             with anyio.fail_after(timeout_s):
-                return await self._send(request)
+                return await sender(request)
         except TimeoutError as exc:
             raise self.module.TimeoutException("the attempt timed out", request=request) from exc
 
@@ -138,9 +134,9 @@ class _Sync(_Adapter):
             request.read()  # a retry must be able to send the body again
         return True
 
-    def send(self, request: Any, timeout_s: float) -> Any:
+    def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         self._bound(request, timeout_s)
-        return self._send(request)
+        return sender(request)
 
     def read_failure(self, response: Any) -> bytes:
         try:

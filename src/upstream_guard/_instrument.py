@@ -18,8 +18,9 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ._call import run_async, run_sync
 from ._context import request_context, state
-from ._transports import Flavor, flavor, send_async, send_sync
+from ._transports import Flavor, flavor
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -111,8 +112,12 @@ def _patch_all() -> None:
 def _async_patch(found: Flavor) -> Any:
     def make(original: Any) -> Any:
         async def handle_async_request(self: Any, request: Any) -> Any:
-            send = functools.partial(original, self)
-            return await send_async(active_guard(), found, send, request, cancel_scope=False)
+            guard = active_guard()
+            rt = None if guard is None else guard._route(request.url)
+            if rt is None:
+                return await original(self, request)
+            sender = functools.partial(original, self)
+            return await run_async(guard, rt, found.adapters[False], request, sender)  # type: ignore[arg-type]
 
         return handle_async_request
 
@@ -122,7 +127,12 @@ def _async_patch(found: Flavor) -> Any:
 def _sync_patch(found: Flavor) -> Any:
     def make(original: Any) -> Any:
         def handle_request(self: Any, request: Any) -> Any:
-            return send_sync(active_guard(), found, functools.partial(original, self), request)
+            guard = active_guard()
+            rt = None if guard is None else guard._route(request.url)
+            if rt is None:
+                return original(self, request)
+            sender = functools.partial(original, self)
+            return run_sync(guard, rt, found.sync_adapter, request, sender)  # type: ignore[arg-type]
 
         return handle_request
 

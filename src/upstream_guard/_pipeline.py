@@ -75,9 +75,12 @@ class RetryEvent:
     retried: bool
 
 
-@dataclass(slots=True)
 class CallRecord:
-    """Everything decided during one logical call; filled in by ``guarded_call``."""
+    """What one logical call did: the record telemetry, events and the request context read.
+
+    Defaults live on the class: a healthy call sets only what differs (the hot path).
+    ``GuardedCall`` is the record of the call it decides.
+    """
 
     upstream: str
     endpoint: str
@@ -103,11 +106,14 @@ class UpstreamRuntime:
         settings: UpstreamSettings,
         clock: Clock,
         state_hooks: list[StateHook],
+        rng: random.Random,
     ) -> None:
         """Build from settings; breakers are made on first use (one, or one per endpoint)."""
         self.name = name
         self.settings = settings
         self.clock = clock
+        self.rng = rng
+        """Jitter for backoffs (the guard's: tests seed it)."""
         self.matcher = TemplateMatcher(settings.templates)
         self.cooldown = CooldownGate()
         self.budget = RetryBudget(
@@ -182,73 +188,88 @@ def _cooling(rt: UpstreamRuntime, left: float) -> RateLimitedError:
     )
 
 
-class GuardedCall:
-    """The decisions of one logical call (see the module docstring for the steps)."""
+class GuardedCall(CallRecord):
+    """The decisions of one logical call, and its record (see the module docstring)."""
 
-    __slots__ = (
-        "_entered",
-        "_last",
-        "_previous_reason",
-        "_retryable",
-        "_rng",
-        "breaker",
-        "deadline",
-        "permit",
-        "record",
-        "rt",
-    )
+    permit: Permit | None = None
+    """The breaker permit of the attempt in flight, if one is."""
+    _entered = False
+    _retryable = True
+    _previous_reason = ""
+    _last: AttemptResult | None = None
+    """The last attempt's result, once one came back."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - positional: built once per call, on the hot path
         self,
         rt: UpstreamRuntime,
-        record: CallRecord,
-        *,
+        endpoint: str,
+        method: str,
+        started: float,
         deadline: float,
         retryable_body: bool,
-        rng: random.Random,
     ) -> None:
-        """Prepare a call that must end by ``deadline`` (on the guard's clock)."""
+        """Start a call made at ``started`` that must end by ``deadline`` (the guard's clock)."""
+        self.upstream = rt.name
+        self.endpoint = endpoint
+        self.method = method
+        self.started = started
         self.rt = rt
-        self.record = record
         self.deadline = deadline
         """The earlier of the inbound request's deadline and ``timeout.total_s``."""
-        self.breaker = rt.breaker or rt.breaker_for(record.endpoint)
-        self.permit: Permit | None = None
-        """The breaker permit of the attempt in flight, if one is."""
-        self._retryable = retryable_body
-        self._rng = rng
-        self._entered = False
-        self._previous_reason = ""
-        self._last: AttemptResult | None = None
-        """The last attempt's result, once one came back."""
+        self.breaker = rt.breaker or rt.breaker_for(endpoint)
+        if not retryable_body:
+            self._retryable = False
 
     # -- the steps ---------------------------------------------------------------------------
 
     def begin(self) -> Attempt | Wait:
-        """The first step: wait out a short 429 cooldown, or take a place and admit."""
-        rt, record = self.rt, self.record
+        """The first step: wait out a short 429 cooldown, then take a place and admit."""
+        rt = self.rt
         if self.breaker.current != CLOSED:  # closed is the record's default
-            record.breaker_state = self.breaker.state
-        left = rt.cooldown.until - record.started
-        if left > 0:
-            if left > rt.settings.retry.max_retry_after_s or record.started + left >= self.deadline:
-                record.outcome, record.reason = "refused", "cooldown"
-                raise _cooling(rt, left)
-            return Wait(left)
-        return self._enter()
+            self.breaker_state = self.breaker.state
+        now = self.started
+        if rt.cooldown.until > now:
+            now = rt.clock.monotonic()
+            left = rt.cooldown.until - now
+            if left > 0:
+                if left > rt.settings.retry.max_retry_after_s or now + left >= self.deadline:
+                    self.outcome, self.reason = "refused", "cooldown"
+                    raise _cooling(rt, left)
+                return Wait(left)
+        if now >= self.deadline:  # the inbound request's time is spent: not worth a call
+            self.outcome, self.reason = "refused", "deadline"
+            raise RetriesExhaustedError(
+                f"{rt.name} {self.method} {self.endpoint}: the request's deadline has passed",
+                upstream=rt.name,
+                reason="deadline",
+                retry_after_s=None,
+            )
+        if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
+            self.outcome, self.reason = "refused", "bulkhead_full"
+            raise BulkheadFullError(
+                f"{rt.name} already has {rt.settings.max_concurrency} calls in flight",
+                upstream=rt.name,
+                reason="bulkhead_full",
+                retry_after_s=None,
+            )
+        self._entered = True
+        rt.budget.deposit()
+        attempt = self._admit(now)
+        assert attempt is not None  # noqa: S101 - no result yet, so a refusal raises
+        return attempt
 
     def after(self, result: AttemptResult) -> Attempt | Wait | None:
         """What follows an attempt: another after a wait, or the end (``None``: deliver it)."""
         permit = self.permit
         assert permit is not None  # noqa: S101 - an attempt always holds a permit
         self.permit = None
-        record = self.record
         status = result.status
         if status is not None and status < 400:  # the hot path: a healthy answer
             now = self.rt.clock.monotonic()
             permit.breaker.record_success(permit, now)
-            record.status = status
-            record.outcome, record.reason = Outcome.SUCCESS, "ok"
+            self.status = status
+            self.outcome, self.reason = Outcome.SUCCESS, "ok"
+            self.duration_s = now - self.started  # delivered now: ``end`` need not ask again
             return None
         try:
             outcome, reason = classify_result(result)
@@ -257,16 +278,16 @@ class GuardedCall:
             permit.breaker.release(permit)
             raise
         self._last = result
-        record.status = status
-        record.outcome, record.reason = outcome, reason
+        self.status = status
+        self.outcome, self.reason = outcome, reason
         if outcome is Outcome.SUCCESS or outcome is Outcome.CLIENT_ERROR:
             return None
         return self._retry(result, outcome, reason)
 
-    def after_wait(self) -> Attempt | None:
+    def after_wait(self) -> Attempt | Wait | None:
         """After a wait: the cooldown's end lets the call in; a backoff's may be cut short."""
-        if not self._entered:
-            return self._enter()
+        if not self._entered:  # the cooldown waited for: go on from the start
+            return self.begin()
         last = self._last
         assert last is not None  # noqa: S101 - a backoff follows a result
         left = self.rt.cooldown.remaining(self.rt.clock.monotonic())
@@ -288,52 +309,36 @@ class GuardedCall:
             self.permit.breaker.release(self.permit)
             self.permit = None
         if isinstance(exc, Exception):
-            self.record.outcome, self.record.reason = Outcome.CLIENT_ERROR, "invalid_request"
+            self.outcome, self.reason = Outcome.CLIENT_ERROR, "invalid_request"
         else:
-            self.record.outcome, self.record.reason = Outcome.CANCELLED, "cancelled"
+            self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
 
     def end(self) -> None:
         """The call is over, however it ended: its duration, and its bulkhead place back."""
-        self.record.duration_s = self.rt.clock.monotonic() - self.record.started
+        if self.outcome is not Outcome.SUCCESS:
+            self.duration_s = self.rt.clock.monotonic() - self.started
         if self._entered and self.rt.bulkhead is not None:
             self.rt.bulkhead.release()
 
     # -- inside the steps ----------------------------------------------------------------------
 
-    def _enter(self) -> Attempt:
-        rt = self.rt
-        if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
-            self.record.outcome, self.record.reason = "refused", "bulkhead_full"
-            raise BulkheadFullError(
-                f"{rt.name} already has {rt.settings.max_concurrency} calls in flight",
-                upstream=rt.name,
-                reason="bulkhead_full",
-                retry_after_s=None,
-            )
-        self._entered = True
-        rt.budget.deposit()
-        attempt = self._admit()
-        assert attempt is not None  # noqa: S101 - no result yet, so a refusal raises
-        return attempt
-
-    def _admit(self) -> Attempt | None:
+    def _admit(self, now: float | None = None) -> Attempt | None:
         """Ask the breaker for the next attempt; ``None`` hands the last response back."""
-        permit = self.breaker.admit()
-        record = self.record
+        permit = self.breaker.admit(now)
         if permit is None:
             if self._last is not None and self._last.status is not None:
                 return None  # opened by this call's own failures: hand back the last response
             raise self._refusal()
         self.permit = permit
-        record.attempts += 1
+        self.attempts += 1
         left = self.deadline - permit.started
         first = self.rt.first_attempt
-        if record.attempts == 1 and left >= first.timeout_s:
+        if self.attempts == 1 and left >= first.timeout_s:
             return first
-        return Attempt(record.attempts, min(left, self.rt.attempt_s))
+        return Attempt(self.attempts, min(left, self.rt.attempt_s))
 
     def _refusal(self) -> CircuitOpenError:
-        breaker, record = self.breaker, self.record
+        breaker, record = self.breaker, self
         wait = breaker.retry_after_s()
         state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
         if not record.attempts:
@@ -348,7 +353,7 @@ class GuardedCall:
         )
 
     def _retry(self, result: AttemptResult, outcome: Outcome, reason: str) -> Wait | None:
-        rt, record = self.rt, self.record
+        rt, record = self.rt, self
         clock = rt.clock
         retry_after = None
         if outcome is Outcome.THROTTLED:
@@ -369,7 +374,7 @@ class GuardedCall:
             remaining_s=self.deadline - now,
             budget=rt.budget,
             now=now,
-            rng=self._rng,
+            rng=rt.rng,
         )
         if record.retries is None:
             record.retries = []

@@ -9,7 +9,7 @@ when requests is used: ``import upstream_guard`` never imports requests.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -66,14 +66,14 @@ _NETWORK_ERRORS = (
 class Adapter:
     """One requests call: the HTTPAdapter sending it, its send arguments and its URL."""
 
-    __slots__ = ("_http", "_kwargs", "_parts", "_send")
+    __slots__ = ("_http", "_kwargs", "_parts")
     base_error: type[Exception] = requests.ConnectionError
     attempt_errors: tuple[type[BaseException], ...] = (requests.RequestException, HTTPError)
     instrumentation: str | None = "requests"
 
-    def __init__(self, http: Any, send: Callable[..., Any], kwargs: Any, parts: UrlParts) -> None:
-        self._http = http  # the HTTPAdapter sending; ``send`` is its original send
-        self._send, self._kwargs, self._parts = send, kwargs, parts
+    def __init__(self, http: Any, kwargs: Any, parts: UrlParts) -> None:
+        self._http = http  # the HTTPAdapter sending
+        self._kwargs, self._parts = kwargs, parts
 
     def location(self, request: Any) -> UrlParts:  # noqa: ARG002 - the protocol's signature
         return self._parts
@@ -98,9 +98,9 @@ class Adapter:
     def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:  # noqa: ARG002
         return request.body is None or isinstance(request.body, bytes | str)
 
-    def send(self, request: Any, timeout_s: float) -> Any:
+    def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         timeout = _timeout(self._kwargs.get("timeout"), timeout_s)
-        return self._send(request, **{**self._kwargs, "timeout": timeout})
+        return sender(request, **{**self._kwargs, "timeout": timeout})
 
     def read_failure(self, response: Any) -> bytes:
         try:

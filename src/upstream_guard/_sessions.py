@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import requests
 import requests.adapters
 
-from ._call import route, run_sync
+from ._call import run_sync
 from ._requests import Adapter
 
 if TYPE_CHECKING:
@@ -46,11 +46,11 @@ def send_guarded(
         parts = UrlParts(split.hostname or "", split.port, split.scheme, split.path, request.url)
     except ValueError:  # not a URL the guard can read: requests will say what is wrong
         return send(request, **kwargs)
-    rt = route(guard, parts)
+    rt = None if guard is None else guard._route(parts)
     if rt is None:
         return send(request, **kwargs)
     assert guard is not None  # noqa: S101 - route found it
-    return run_sync(guard, rt, Adapter(http, send, kwargs, parts), request)
+    return run_sync(guard, rt, Adapter(http, kwargs, parts), request, send)
 
 
 class GuardedAdapter(requests.adapters.HTTPAdapter):

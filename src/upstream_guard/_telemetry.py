@@ -9,7 +9,6 @@ instrumentation already makes the attempt spans. With no SDK installed nothing i
 from __future__ import annotations
 
 import sys
-import time
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -74,31 +73,30 @@ def metrics_on() -> bool:
 class Telemetry:
     """A guard's OpenTelemetry observer: spans while a call runs, metrics when it ends.
 
-    Whether an SDK is installed is asked of the API at most once a second per guard: the
-    API answers in ~1.7 us while no provider is set, a tenth of the guard's budget for a
-    whole call. A provider set while the app runs is seen within a second; a new guard
-    asks on its first call.
+    Whether an SDK is installed is asked of the API at most once a second of the guard's
+    clock: the API answers in ~1.7 us while no provider is set, a tenth of the guard's
+    budget for a whole call. A provider set while the app runs is seen within a second; a
+    new guard asks on its first call.
     """
 
-    __slots__ = ("_metrics", "_tracing", "_until")
+    __slots__ = ("_tracing", "_until", "metrics")
 
     def __init__(self) -> None:
         """Nothing known yet: the first call asks."""
         self._until = 0.0
-        self._tracing = self._metrics = False
+        self._tracing = False
+        self.metrics = False
+        """Whether to record metrics (as last asked by ``tracing``)."""
 
-    def tracing(self) -> bool:
-        """Whether spans are recorded (asks again once a second)."""
-        now = time.monotonic()  # a cache's age, not the guard's time: no clock to inject
+    def tracing(self, now: float) -> bool:
+        """Whether spans are recorded (asks again once a second); refreshes ``metrics`` too.
+
+        ``now`` is the guard's clock (the start of the call that asks).
+        """
         if now >= self._until:
-            self._tracing, self._metrics = tracing_on(), metrics_on()
+            self._tracing, self.metrics = tracing_on(), metrics_on()
             self._until = now + 1.0
         return self._tracing
-
-    def finished(self, record: CallRecord) -> None:
-        """Count one finished call (``tracing`` has just looked for a provider)."""
-        if self._metrics:
-            record_metrics(record)
 
 
 def redact_url(url: str) -> str:

@@ -1,8 +1,8 @@
-"""Guarded httpx and httpx2 transports, and the one entry every httpx call goes through.
+"""Guarded httpx and httpx2 transports.
 
 ``guard.async_transport(inner)`` wraps ``inner`` and follows its module: an
-``httpx2.AsyncHTTPTransport`` gives an httpx2 transport. The instrumented ``HTTPTransport``
-classes (``install(app)``) enter through the same ``send_async`` and ``send_sync``.
+``httpx2.AsyncHTTPTransport`` gives an httpx2 transport. Like the instrumented
+``HTTPTransport`` classes (``install(app)``), they enter the one call flow by ``route``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import types
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Self
 
-from ._call import route, run_async, run_sync
+from ._call import run_async, run_sync
 from ._httpx import adapters
 
 if TYPE_CHECKING:
@@ -26,7 +25,10 @@ class Flavor:
     def __init__(self, module: types.ModuleType) -> None:
         """Make the module's adapter and transport classes."""
         self.module = module
-        self.async_adapter, self.sync_adapter = adapters(module)
+        async_adapter, sync_adapter = adapters(module)
+        self.adapters = (async_adapter(cancel_scope=False), async_adapter(cancel_scope=True))
+        """The async adapters: for transports that enforce httpx's timeouts, and for others."""
+        self.sync_adapter = sync_adapter()
         names = {"flavor": self, "__module__": "upstream_guard"}
         self.async_transport: type[Any] = type(
             "AsyncGuardedTransport", (AsyncGuardedTransport, module.AsyncBaseTransport), names
@@ -61,31 +63,6 @@ def flavor_of(inner: object | None) -> Flavor:
     return found
 
 
-async def send_async(
-    guard: Guard | None,
-    flavor: Flavor,
-    send: Callable[[Any], Awaitable[Any]],
-    request: Any,
-    *,
-    cancel_scope: bool,
-) -> Any:
-    """Send ``request`` with ``send``: guarded when its host belongs to an upstream."""
-    rt = route(guard, request.url)
-    if rt is None:
-        return await send(request)
-    assert guard is not None  # noqa: S101 - route found it
-    return await run_async(guard, rt, flavor.async_adapter(send, request, cancel_scope), request)
-
-
-def send_sync(guard: Guard | None, flavor: Flavor, send: Callable[[Any], Any], request: Any) -> Any:
-    """Send ``request`` with ``send``: guarded when its host belongs to an upstream."""
-    rt = route(guard, request.url)
-    if rt is None:
-        return send(request)
-    assert guard is not None  # noqa: S101 - route found it
-    return run_sync(guard, rt, flavor.sync_adapter(send, request), request)
-
-
 def _needs_cancel_scope(inner: Any, module: types.ModuleType) -> bool:
     # httpx's own transport enforces request timeouts; a mock with a plain function handler
     # cannot be interrupted anyway. Anything else gets a cancel scope (~15-25 us per attempt).
@@ -105,14 +82,15 @@ class AsyncGuardedTransport:
         """Wrap ``inner`` (default: the module's ``AsyncHTTPTransport``)."""
         self._guard = guard
         self._inner = inner if inner is not None else self.flavor.module.AsyncHTTPTransport()
-        self._cancel_scope = _needs_cancel_scope(self._inner, self.flavor.module)
+        self._adapter = self.flavor.adapters[_needs_cancel_scope(self._inner, self.flavor.module)]
 
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
-        send = self._inner.handle_async_request
-        return await send_async(
-            self._guard, self.flavor, send, request, cancel_scope=self._cancel_scope
-        )
+        rt = self._guard._route(request.url)
+        if rt is None:
+            return await self._inner.handle_async_request(request)
+        sender = self._inner.handle_async_request
+        return await run_async(self._guard, rt, self._adapter, request, sender)
 
     async def aclose(self) -> None:
         """Close the inner transport."""
@@ -140,7 +118,12 @@ class SyncGuardedTransport:
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
-        return send_sync(self._guard, self.flavor, self._inner.handle_request, request)
+        rt = self._guard._route(request.url)
+        if rt is None:
+            return self._inner.handle_request(request)
+        return run_sync(
+            self._guard, rt, self.flavor.sync_adapter, request, self._inner.handle_request
+        )
 
     def close(self) -> None:
         """Close the inner transport."""

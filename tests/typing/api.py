@@ -1,0 +1,101 @@
+"""The public API as users write it: type-checked with ``mypy --strict``, never run."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, assert_type
+
+import httpx
+import requests
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from upstream_guard import (
+    CallEvent,
+    CircuitOpenError,
+    Guard,
+    GuardSettings,
+    RateLimitedError,
+    RetriesExhaustedError,
+    UpstreamGuardMiddleware,
+    UpstreamSettings,
+    UpstreamUnavailable,
+    install,
+)
+from upstream_guard.testing import FakeClock, Fault, SpotifySimulator
+
+
+def one_line_install() -> None:
+    """``install(app)``, its settings, and the Guard it returns."""
+    app = FastAPI()
+    guard = install(app, settings=GuardSettings(request_deadline_s=2.0), clock=FakeClock())
+    assert_type(guard, Guard)
+    assert_type(guard.state("spotify_api"), Literal["closed", "open", "half-open"])
+    snapshot: dict[str, Any] = guard.snapshot()
+    assert_type(snapshot["status"], Any)
+    app.add_middleware(UpstreamGuardMiddleware)
+    wrapped = UpstreamGuardMiddleware(app, settings=None)
+    assert_type(wrapped.guard, Guard)
+
+    @guard.fallback("/now-playing")
+    async def now_playing(request: Request, error: BaseException) -> Response:
+        return JSONResponse({"playing": None, "path": request.url.path, "error": str(error)})
+
+
+def clients(guard: Guard) -> None:
+    """Transports and sessions have their libraries' types."""
+    assert_type(guard.async_transport(), httpx.AsyncBaseTransport)
+    assert_type(guard.sync_transport(httpx.HTTPTransport()), httpx.BaseTransport)
+    assert_type(guard.requests_session(), requests.Session)
+    httpx.AsyncClient(transport=guard.async_transport())
+    httpx.Client(transport=guard.sync_transport())
+    guard.instrument()
+    guard.close()
+
+
+def events(guard: Guard) -> None:
+    """Subscribers get a CallEvent; subscribe returns the function that stops them."""
+
+    def on_call(event: CallEvent) -> None:
+        status: int | None = event.status
+        outcome: str = event.outcome
+        flags: tuple[bool, bool] = (event.coalesced, event.hedged)
+        described: tuple[str, str, str, int | None, str, tuple[bool, bool]] = (
+            event.upstream,
+            event.endpoint,
+            event.method,
+            status,
+            outcome,
+            flags,
+        )
+        assert described
+
+    unsubscribe = guard.subscribe(on_call)
+    assert_type(unsubscribe(), None)
+
+
+def errors() -> None:
+    """Every guard error is an UpstreamUnavailable with upstream, reason and a wait."""
+    for error in (
+        CircuitOpenError("open", upstream="spotify_api", reason="circuit_open"),
+        RetriesExhaustedError("gone", upstream="spotify_api", reason="timeout"),
+        RateLimitedError("slow down", upstream="spotify_api", reason="cooldown"),
+    ):
+        base: UpstreamUnavailable = error
+        wait: float | None = base.retry_after_s
+        described: tuple[str, str, float | None] = (base.upstream, base.reason, wait)
+        assert described
+
+
+def settings() -> None:
+    """Settings built in code."""
+    upstream = UpstreamSettings(hosts=("127.0.0.1:8000",), retry={"attempts": 2})
+    GuardSettings(upstreams={"spotify_api": upstream}, redis_url=None)
+
+
+def simulator() -> None:
+    """The simulator and its faults."""
+    sim = SpotifySimulator()
+    sim.set_fault(Fault.no_healthy_upstream(), "/v1/tracks")
+    sim.set_fault(Fault.rate_limited(30))
+    sim.heal()
