@@ -113,7 +113,7 @@ def _async_patch(found: Flavor) -> Any:
     def make(original: Any) -> Any:
         async def handle_async_request(self: Any, request: Any) -> Any:
             guard = active_guard()
-            rt = None if guard is None else guard._route(request.url)
+            rt = None if guard is None else guard._route(request.url)  # noqa: SLF001 - the package's own
             if rt is None:
                 return await original(self, request)
             sender = functools.partial(original, self)
@@ -128,7 +128,7 @@ def _sync_patch(found: Flavor) -> Any:
     def make(original: Any) -> Any:
         def handle_request(self: Any, request: Any) -> Any:
             guard = active_guard()
-            rt = None if guard is None else guard._route(request.url)
+            rt = None if guard is None else guard._route(request.url)  # noqa: SLF001 - the package's own
             if rt is None:
                 return original(self, request)
             sender = functools.partial(original, self)

@@ -46,7 +46,7 @@ def send_guarded(
         parts = UrlParts(split.hostname or "", split.port, split.scheme, split.path, request.url)
     except ValueError:  # not a URL the guard can read: requests will say what is wrong
         return send(request, **kwargs)
-    rt = None if guard is None else guard._route(parts)
+    rt = None if guard is None else guard._route(parts)  # noqa: SLF001 - the package's own
     if rt is None:
         return send(request, **kwargs)
     assert guard is not None  # noqa: S101 - route found it

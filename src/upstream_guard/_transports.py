@@ -86,7 +86,7 @@ class AsyncGuardedTransport:
 
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
-        rt = self._guard._route(request.url)
+        rt = self._guard._route(request.url)  # noqa: SLF001 - the package's own
         if rt is None:
             return await self._inner.handle_async_request(request)
         sender = self._inner.handle_async_request
@@ -118,7 +118,7 @@ class SyncGuardedTransport:
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
-        rt = self._guard._route(request.url)
+        rt = self._guard._route(request.url)  # noqa: SLF001 - the package's own
         if rt is None:
             return self._inner.handle_request(request)
         return run_sync(
