@@ -51,7 +51,6 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from upstream_guard import Guard, GuardSettings, UpstreamGuardMiddleware
-from upstream_guard._instrument import uninstrument
 
 ROUNDS = 40
 CALLS = 1000
@@ -324,7 +323,7 @@ async def main(callgrind: tuple[str, dict[str, float]] | None) -> None:
         },
         ROUNDS,
     )
-    uninstrument(guard)
+    guard.close()
     call_rows, call_cost = summarise(by_call)
     request_rows, request_cost = summarise(by_request)
     wall = {"calls": call_cost, "requests": request_cost}

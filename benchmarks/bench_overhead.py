@@ -102,8 +102,8 @@ async def main() -> None:
     verdicts = [
         ["guarded async call / bare", f"{async_ratio:.3f}x", "<= 1.10x", _ok(async_ratio <= 1.10)],
         ["guarded sync call / bare", f"{sync_ratio:.3f}x", "<= 1.10x", _ok(sync_ratio <= 1.10)],
-        ["open-breaker refusal", f"{refusal:.1f} us", "< 20 us", _ok(refusal < 20)],
-        ["unguarded host pass-through", f"{passthrough:.2f} us", "< 2 us", _ok(passthrough < 2)],
+        ["open-breaker refusal", f"{refusal:.1f} us", "<= 12.7 us", _ok(refusal <= 12.7)],
+        ["unguarded host pass-through", f"{passthrough:.2f} us", "<= 1 us", _ok(passthrough <= 1)],
     ]
     body = (
         f"{ROUNDS} interleaved rounds; median of per-round mean per-call time.\n\n"
@@ -141,9 +141,9 @@ def callgrind_section() -> str:
         ["sync guarded", f"{per_call['guarded']:,.0f}", f"{ratio:.3f}x"],
     ]
     return (
-        "Instructions per call (callgrind, deterministic):\n\n"
+        "Instructions per call (callgrind, stable within about 0.3%):\n\n"
         + table(["variant", "instructions per call", "ratio"], rows)
-        + f"\n\nguarded / bare by instructions: {ratio:.3f}x (goal <= 1.10x: {_ok(ratio <= 1.10)})"
+        + f"\n\nguarded / bare by instructions: {ratio:.3f}x (goal <= 1.05x: {_ok(ratio <= 1.05)})"
     )
 
 

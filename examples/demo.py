@@ -37,7 +37,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from upstream_guard import Guard, GuardSettings
+from upstream_guard import CallEvent, Guard, GuardSettings
 from upstream_guard.testing import Fault, SpotifySimulator, serve
 
 HERE = Path(__file__).resolve().parent
@@ -285,16 +285,15 @@ class Demo:
             # Called in the app's server thread, maybe under the breaker's lock: no I/O here.
             target.transitions.append((self.now(), old, new))
 
-        def on_call(record: Any) -> None:
-            if record.outcome == "refused":
-                target.decisions[f"refused ({record.reason})"] += 1
-                target.refusal_s.append(record.duration_s)
+        def on_call(event: CallEvent) -> None:
+            if event.outcome == "refused":
+                target.decisions[f"refused ({event.reason})"] += 1
+                target.refusal_s.append(event.duration_s)
             else:
-                target.decisions[record.outcome] += 1
+                target.decisions[event.outcome] += 1
 
-        # Plain lists on the Guard that its telemetry also hooks into.
-        getattr(guard, "state_hooks", []).append(on_state)
-        getattr(guard, "hooks", []).append(on_call)
+        guard.state_hooks.append(on_state)  # breaker transitions, as the telemetry hears them
+        guard.subscribe(on_call)
 
     def log_transitions(self) -> None:
         """Print the breaker transitions recorded since the last call."""

@@ -13,6 +13,7 @@ guard, skip if a guard is already driving this call, match the host (``route``),
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,6 +47,12 @@ class _Adapter(Protocol):
     def target(self, request: Any) -> tuple[str, str]:
         """The method and the (still percent-encoded) path."""
 
+    def replayable(self, request: Any, replay_methods: frozenset[str]) -> bool | None:
+        """Whether the body can be sent again; None: after ``buffer``, which it needs first.
+
+        Only a method in ``replay_methods`` (those a retry may repeat) is worth buffering.
+        """
+
     def header(self, message: Any, name: str) -> str | None:
         """A header of a request or response."""
 
@@ -74,8 +81,8 @@ class _Adapter(Protocol):
 class SyncAdapter(_Adapter, Protocol):
     """A client whose calls block a thread (httpx.Client, requests)."""
 
-    def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
-        """Make the body sendable twice if the method may be retried; whether it is."""
+    def buffer(self, request: Any) -> None:
+        """Read a streamed body into memory, so that a retry can send it again."""
 
     def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         """Send one attempt with ``sender``, bounded by ``timeout_s``."""
@@ -93,11 +100,11 @@ class SyncAdapter(_Adapter, Protocol):
 class AsyncAdapter(_Adapter, Protocol):
     """A client whose calls are awaited (httpx.AsyncClient, aiohttp)."""
 
-    async def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
-        """Make the body sendable twice if the method may be retried; whether it is."""
+    async def buffer(self, request: Any) -> None:
+        """Read a streamed body into memory, so that a retry can send it again."""
 
-    async def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
-        """Send one attempt with ``sender``, bounded by ``timeout_s``."""
+    def send(self, request: Any, timeout_s: float, sender: Any) -> Awaitable[Any]:
+        """Send one attempt with ``sender``, bounded by ``timeout_s`` (await what it returns)."""
 
     async def read_failure(self, response: Any) -> bytes:
         """The body of a failure answer, read so that the caller can read it again."""
@@ -150,7 +157,10 @@ class Exchange(GuardedCall):
             self.key = self._stale_key(method)
         if state.patched:
             self.token = guarding.set(True)
-        if guard._telemetry.tracing(started):  # noqa: SLF001 - the package's own
+        observer = guard._telemetry  # noqa: SLF001 - the package's own
+        if started >= observer.until:
+            observer.refresh(started)
+        if observer.tracing:
             self.traced = True
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
@@ -248,7 +258,10 @@ def run_sync(  # noqa: C901 - one call's steps read best in one place
     guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: Any, sender: Any
 ) -> Any:
     """Run one guarded call for a sync client: the response, or the client's error."""
-    replayable = adapter.prepare(request, rt.replay_methods)
+    replayable = adapter.replayable(request, rt.replay_methods)
+    if replayable is None:
+        adapter.buffer(request)
+        replayable = True
     x = Exchange(guard, rt, adapter, request, sender, replayable)
     response = None
     status = 0
@@ -291,7 +304,10 @@ async def run_async(  # noqa: C901 - one call's steps read best in one place
     guard: Guard, rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any, sender: Any
 ) -> Any:
     """Run one guarded call for an async client: the response, or the client's error."""
-    replayable = await adapter.prepare(request, rt.replay_methods)
+    replayable = adapter.replayable(request, rt.replay_methods)
+    if replayable is None:
+        await adapter.buffer(request)
+        replayable = True
     x = Exchange(guard, rt, adapter, request, sender, replayable)
     response = None
     status = 0

@@ -9,7 +9,7 @@ have, and sets ``elapsed``. A 2xx body is watched as the caller reads it.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -36,16 +36,25 @@ class _Adapter:
     def _bound(request: Any, seconds: float) -> None:
         # Cap the request's timeouts at ``seconds``. A retry's cap is never longer than the
         # attempt's before it, so capping what an earlier attempt capped comes to the same.
-        base = request.extensions.get("timeout") or dict.fromkeys(_PHASES)
-        limits = base.values()
-        if None in limits or max(limits) > seconds:
-            capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
-            request.extensions = {**request.extensions, "timeout": capped}
+        base = request.extensions.get("timeout")
+        try:
+            if base and max(base.values()) <= seconds:
+                return  # the usual case: no phase may take longer than the attempt
+        except TypeError:  # a phase without a limit (None)
+            pass
+        base = base or dict.fromkeys(_PHASES)
+        capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
+        request.extensions = {**request.extensions, "timeout": capped}
 
     location = staticmethod(lambda request: request.url)
     headers = staticmethod(lambda request: request.headers)
     status = staticmethod(lambda response: response.status_code)
     header = staticmethod(lambda message, name: message.headers.get(name))
+
+    def replayable(self, request: Any, replay_methods: frozenset[str]) -> bool | None:
+        if type(request.stream) is self.module.ByteStream or request.method not in replay_methods:
+            return True  # bytes go again as they are; a body never retried needs no copy
+        return None
 
     @staticmethod
     def target(request: Any) -> tuple[str, str]:
@@ -96,15 +105,14 @@ class _Async(_Adapter):
     def __init__(self, *, cancel_scope: bool) -> None:
         self._cancel_scope = cancel_scope
 
-    async def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
-        if request.method in replay_methods and type(request.stream) is not self.module.ByteStream:
-            await request.aread()  # a retry must be able to send the body again
-        return True
+    async def buffer(self, request: Any) -> None:
+        await request.aread()
 
-    async def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
+    def send(self, request: Any, timeout_s: float, sender: Any) -> Awaitable[Any]:
         self._bound(request, timeout_s)
-        if not self._cancel_scope:
-            return await sender(request)
+        return self._scoped(request, timeout_s, sender) if self._cancel_scope else sender(request)
+
+    async def _scoped(self, request: Any, timeout_s: float, sender: Any) -> Any:
         try:
             with anyio.fail_after(timeout_s):
                 return await sender(request)
@@ -129,10 +137,8 @@ class _Async(_Adapter):
 class _Sync(_Adapter):
     __slots__ = ()
 
-    def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:
-        if request.method in replay_methods and type(request.stream) is not self.module.ByteStream:
-            request.read()  # a retry must be able to send the body again
-        return True
+    def buffer(self, request: Any) -> None:
+        request.read()
 
     def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         self._bound(request, timeout_s)

@@ -254,9 +254,14 @@ class GuardedCall(CallRecord):
             )
         self._entered = True
         rt.budget.deposit()
-        attempt = self._admit(now)
-        assert attempt is not None  # noqa: S101 - no result yet, so a refusal raises
-        return attempt
+        permit = self.breaker.admit(now)
+        if permit is None:
+            raise self._refusal()
+        self.permit = permit
+        self.attempts = 1
+        first = rt.first_attempt
+        left = self.deadline - now
+        return first if left >= first.timeout_s else Attempt(1, left)
 
     def after(self, result: AttemptResult) -> Attempt | Wait | None:
         """What follows an attempt: another after a wait, or the end (``None``: deliver it)."""
@@ -322,20 +327,16 @@ class GuardedCall(CallRecord):
 
     # -- inside the steps ----------------------------------------------------------------------
 
-    def _admit(self, now: float | None = None) -> Attempt | None:
-        """Ask the breaker for the next attempt; ``None`` hands the last response back."""
-        permit = self.breaker.admit(now)
+    def _admit(self) -> Attempt | None:
+        """Ask the breaker for a retry; ``None`` hands the last response back."""
+        permit = self.breaker.admit()
         if permit is None:
             if self._last is not None and self._last.status is not None:
                 return None  # opened by this call's own failures: hand back the last response
             raise self._refusal()
         self.permit = permit
         self.attempts += 1
-        left = self.deadline - permit.started
-        first = self.rt.first_attempt
-        if self.attempts == 1 and left >= first.timeout_s:
-            return first
-        return Attempt(self.attempts, min(left, self.rt.attempt_s))
+        return Attempt(self.attempts, min(self.deadline - permit.started, self.rt.attempt_s))
 
     def _refusal(self) -> CircuitOpenError:
         breaker, record = self.breaker, self

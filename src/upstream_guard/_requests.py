@@ -95,8 +95,11 @@ class Adapter:
             return "connect_error"
         return "network_error" if isinstance(exc, _NETWORK_ERRORS) else None
 
-    def prepare(self, request: Any, replay_methods: frozenset[str]) -> bool:  # noqa: ARG002
-        return request.body is None or isinstance(request.body, bytes | str)
+    def replayable(self, request: Any, replay_methods: frozenset[str]) -> bool | None:  # noqa: ARG002
+        return request.body is None or isinstance(request.body, bytes | str)  # else: a stream
+
+    def buffer(self, request: Any) -> None:  # never asked for: ``replayable`` never says None
+        raise NotImplementedError
 
     def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         timeout = _timeout(self._kwargs.get("timeout"), timeout_s)

@@ -79,24 +79,21 @@ class Telemetry:
     new guard asks on its first call.
     """
 
-    __slots__ = ("_tracing", "_until", "metrics")
+    __slots__ = ("metrics", "tracing", "until")
 
     def __init__(self) -> None:
         """Nothing known yet: the first call asks."""
-        self._until = 0.0
-        self._tracing = False
+        self.until = 0.0
+        """When to ask again, on the guard's clock (``refresh`` is due from then on)."""
+        self.tracing = False
+        """Whether spans are recorded (as last asked)."""
         self.metrics = False
-        """Whether to record metrics (as last asked by ``tracing``)."""
+        """Whether metrics are recorded (as last asked)."""
 
-    def tracing(self, now: float) -> bool:
-        """Whether spans are recorded (asks again once a second); refreshes ``metrics`` too.
-
-        ``now`` is the guard's clock (the start of the call that asks).
-        """
-        if now >= self._until:
-            self._tracing, self.metrics = tracing_on(), metrics_on()
-            self._until = now + 1.0
-        return self._tracing
+    def refresh(self, now: float) -> None:
+        """Ask the API whether an SDK is installed; ask again a second after ``now``."""
+        self.tracing, self.metrics = tracing_on(), metrics_on()
+        self.until = now + 1.0
 
 
 def redact_url(url: str) -> str:
