@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from contextvars import Token
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _telemetry as telemetry
@@ -44,8 +45,11 @@ class _Adapter(Protocol):
     def location(self, request: Any) -> Any:
         """The URL: ``host``, ``port`` and ``scheme`` to match; ``str()``, the whole URL."""
 
-    def target(self, request: Any) -> tuple[str, str]:
-        """The method and the (still percent-encoded) path."""
+    def method(self, request: Any) -> str:
+        """The request's method."""
+
+    def path(self, request: Any) -> str:
+        """The request's path, still percent-encoded, without the query."""
 
     def replayable(self, request: Any, replay_methods: frozenset[str]) -> bool | None:
         """Whether the body can be sent again; None: after ``buffer``, which it needs first.
@@ -146,13 +150,12 @@ class Exchange(GuardedCall):
         self.request = request
         self.sender = sender
         self.ctx = ctx = request_context.get()
-        method, path = adapter.target(request)
+        method = adapter.method(request)
         started = rt.clock.monotonic()
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
             deadline = ctx.deadline
-        endpoint = rt.matcher.match(path)
-        super().__init__(rt, endpoint, method, started, deadline, replayable)
+        super().__init__(rt, method, started, deadline, replayable)
         if rt.stale is not None:
             self.key = self._stale_key(method)
         if state.patched:
@@ -165,6 +168,12 @@ class Exchange(GuardedCall):
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
             self.span = telemetry.CallSpan(self, url.host, url.port, attempt_spans=own)
+
+    # CallRecord's field, worked out when first read: a plain call never needs it.
+    @cached_property
+    def endpoint(self) -> str:  # type: ignore[override]
+        """The path's template: worked out only if a breaker, span, event or log reads it."""
+        return self.rt.matcher.match(self.adapter.path(self.request))
 
     def _stale_key(self, method: str) -> str | None:
         if method != "GET":

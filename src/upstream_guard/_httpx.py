@@ -56,9 +56,11 @@ class _Adapter:
             return True  # bytes go again as they are; a body never retried needs no copy
         return None
 
+    method = staticmethod(lambda request: request.method)
+
     @staticmethod
-    def target(request: Any) -> tuple[str, str]:
-        return request.method, request.url.raw_path.decode("ascii").partition("?")[0]
+    def path(request: Any) -> str:
+        return request.url.raw_path.decode("ascii").partition("?")[0]  # type: ignore[no-any-return]
 
     @staticmethod
     def all_headers(response: Any) -> list[tuple[str, str]]:

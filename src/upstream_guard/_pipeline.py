@@ -199,24 +199,25 @@ class GuardedCall(CallRecord):
     _last: AttemptResult | None = None
     """The last attempt's result, once one came back."""
 
-    def __init__(  # noqa: PLR0917 - positional: built once per call, on the hot path
+    def __init__(
         self,
         rt: UpstreamRuntime,
-        endpoint: str,
         method: str,
         started: float,
         deadline: float,
         retryable_body: bool,
     ) -> None:
-        """Start a call made at ``started`` that must end by ``deadline`` (the guard's clock)."""
+        """Start a call made at ``started`` that must end by ``deadline`` (the guard's clock).
+
+        ``endpoint`` (the path's template) is the subclass's to give, when it is read.
+        """
         self.upstream = rt.name
-        self.endpoint = endpoint
         self.method = method
         self.started = started
         self.rt = rt
         self.deadline = deadline
         """The earlier of the inbound request's deadline and ``timeout.total_s``."""
-        self.breaker = rt.breaker or rt.breaker_for(endpoint)
+        self.breaker = rt.breaker or rt.breaker_for(self.endpoint)
         if not retryable_body:
             self._retryable = False
 

@@ -78,8 +78,11 @@ class Adapter:
     def location(self, request: Any) -> UrlParts:  # noqa: ARG002 - the protocol's signature
         return self._parts
 
-    def target(self, request: Any) -> tuple[str, str]:
-        return str(request.method), self._parts.path
+    def method(self, request: Any) -> str:
+        return str(request.method)
+
+    def path(self, request: Any) -> str:  # noqa: ARG002 - the protocol's signature
+        return self._parts.path
 
     header = staticmethod(lambda message, name: message.headers.get(name))
     headers = staticmethod(lambda request: request.headers)
