@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _telemetry as telemetry
 from ._body import BodyWatch
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
-from ._classify import FAILURE_BODY, readable
+from ._classify import FAILURE_BODY, Outcome, readable
 from ._context import guarding, request_context, state
 from ._errors import UpstreamUnavailable, as_client_error, is_client_error
 from ._pipeline import HEALTHY, Attempt, AttemptResult, GuardedCall, Wait
@@ -135,20 +135,18 @@ class Exchange(GuardedCall):
     traced = False
     """Whether the call records spans (an OpenTelemetry SDK is installed)."""
 
-    def __init__(  # noqa: PLR0917 - positional: built once per call, on the hot path
+    def __init__(
         self,
         guard: Guard,
         rt: UpstreamRuntime,
         adapter: _Adapter,
         request: Any,
-        sender: Any,
         replayable: bool,
     ) -> None:
         """Start the call now: its record, its deadline, its span."""
         self.guard = guard
         self.adapter = adapter
         self.request = request
-        self.sender = sender
         self.ctx = ctx = request_context.get()
         method = adapter.method(request)
         started = rt.clock.monotonic()
@@ -249,7 +247,10 @@ class Exchange(GuardedCall):
 
     def finish(self) -> None:
         """The call is over, however it ended: record, context, telemetry, events."""
-        self.end()
+        if self.outcome is not Outcome.SUCCESS:  # a success took its duration as it came
+            self.duration_s = self.rt.clock.monotonic() - self.started
+        if self._entered and self.rt.bulkhead is not None:
+            self.rt.bulkhead.release()
         if self.token is not None:
             guarding.reset(self.token)
         if self.span is not None:
@@ -271,7 +272,7 @@ def run_sync(  # noqa: C901 - one call's steps read best in one place
     if replayable is None:
         adapter.buffer(request)
         replayable = True
-    x = Exchange(guard, rt, adapter, request, sender, replayable)
+    x = Exchange(guard, rt, adapter, request, replayable)
     response = None
     status = 0
     try:
@@ -317,7 +318,7 @@ async def run_async(  # noqa: C901 - one call's steps read best in one place
     if replayable is None:
         await adapter.buffer(request)
         replayable = True
-    x = Exchange(guard, rt, adapter, request, sender, replayable)
+    x = Exchange(guard, rt, adapter, request, replayable)
     response = None
     status = 0
     try:

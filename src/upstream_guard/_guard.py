@@ -10,7 +10,7 @@ from . import _instrument
 from . import _telemetry as telemetry
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._clock import Clock, SystemClock
-from ._context import guarding
+from ._context import guarding, state
 from ._events import CallEvent, Subscribers
 from ._pipeline import UpstreamRuntime
 from ._settings import GuardSettings, ascii_host
@@ -86,7 +86,7 @@ class Guard:
         a call made while a guard already drives one (an instrumented transport under a
         guarded one), or to a host no upstream names, passes.
         """
-        if guarding.get():
+        if state.patched and guarding.get():  # only patched clients set it
             return None
         found = self._hosts.get(url.host)
         if found is None:

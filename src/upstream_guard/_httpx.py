@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Awaitable, Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,6 +28,7 @@ class _Adapter:
     # One per transport (or per module, for instrumented ones): it keeps no call's state.
     __slots__ = ()
     module: Any  # httpx or httpx2, set per flavour
+    byte_stream: type[Any]  # its ByteStream: a body that can be sent again as it is
     base_error: type[Exception]
     attempt_errors: tuple[type[BaseException], ...]
     instrumentation: str | None
@@ -46,17 +48,17 @@ class _Adapter:
         capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
         request.extensions = {**request.extensions, "timeout": capped}
 
-    location = staticmethod(lambda request: request.url)
-    headers = staticmethod(lambda request: request.headers)
-    status = staticmethod(lambda response: response.status_code)
+    # attrgetters: read without a Python frame of their own (not descriptors: never bound)
+    location = attrgetter("url")
+    headers = attrgetter("headers")
+    status = attrgetter("status_code")
+    method = attrgetter("method")
     header = staticmethod(lambda message, name: message.headers.get(name))
 
     def replayable(self, request: Any, replay_methods: frozenset[str]) -> bool | None:
-        if type(request.stream) is self.module.ByteStream or request.method not in replay_methods:
+        if type(request.stream) is self.byte_stream or request.method not in replay_methods:
             return True  # bytes go again as they are; a body never retried needs no copy
         return None
-
-    method = staticmethod(lambda request: request.method)
 
     @staticmethod
     def path(request: Any) -> str:
@@ -163,7 +165,12 @@ class _Sync(_Adapter):
 
 def adapters(module: types.ModuleType) -> tuple[type[Any], type[Any]]:
     """The (async, sync) adapter classes of one httpx-like module."""
-    names = {"module": module, "base_error": module.TransportError, "__slots__": ()}
+    names = {
+        "module": module,
+        "byte_stream": module.ByteStream,
+        "base_error": module.TransportError,
+    }
+    names["__slots__"] = ()
     names |= {"attempt_errors": (module.TransportError,), "instrumentation": module.__name__}
     async_body = type("WatchedBody", (AsyncChunks, module.AsyncByteStream), {"__slots__": ()})
     sync_body = type("WatchedBody", (SyncChunks, module.SyncByteStream), {"__slots__": ()})

@@ -319,13 +319,6 @@ class GuardedCall(CallRecord):
         else:
             self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
 
-    def end(self) -> None:
-        """The call is over, however it ended: its duration, and its bulkhead place back."""
-        if self.outcome is not Outcome.SUCCESS:
-            self.duration_s = self.rt.clock.monotonic() - self.started
-        if self._entered and self.rt.bulkhead is not None:
-            self.rt.bulkhead.release()
-
     # -- inside the steps ----------------------------------------------------------------------
 
     def _admit(self) -> Attempt | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Generator
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -85,9 +86,9 @@ class Adapter:
         return self._parts.path
 
     header = staticmethod(lambda message, name: message.headers.get(name))
-    headers = staticmethod(lambda request: request.headers)
+    headers = attrgetter("headers")  # not a descriptor: never bound
     all_headers = staticmethod(lambda response: list(response.headers.items()))
-    status = staticmethod(lambda response: response.status_code)
+    status = attrgetter("status_code")
     close = staticmethod(lambda response: response.close())
 
     @staticmethod
