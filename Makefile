@@ -18,8 +18,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples checks
+	$(BIN)/ruff format --check src tests benchmarks examples checks
+	$(BIN)/mypy --strict tests/typing
 	$(BIN)/mypy --strict src
 
 # All benchmarks, about 12 minutes on two cores; each writes benchmarks/results/<name>.md.

@@ -275,7 +275,7 @@ class GuardedCall(CallRecord):
             permit.breaker.record_success(permit, now)
             self.status = status
             self.outcome, self.reason = Outcome.SUCCESS, "ok"
-            self.duration_s = now - self.started  # delivered now: ``end`` need not ask again
+            self.duration_s = now - self.started  # delivered now: ``finish`` need not ask again
             return None
         try:
             outcome, reason = classify_result(result)
