@@ -28,6 +28,7 @@ from ._errors import (
     CircuitOpenError,
     RateLimitedError,
     RetriesExhaustedError,
+    UpstreamUnavailable,
 )
 from ._retry import RetryBudget, decide_retry
 from ._settings import UpstreamSettings
@@ -234,24 +235,15 @@ class GuardedCall(CallRecord):
             left = rt.cooldown.until - now
             if left > 0:
                 if left > rt.settings.retry.max_retry_after_s or now + left >= self.deadline:
-                    self.outcome, self.reason = "refused", "cooldown"
-                    raise _cooling(rt, left)
+                    raise self._refused(_cooling(rt, left))
                 return Wait(left)
         if now >= self.deadline:  # the inbound request's time is spent: not worth a call
-            self.outcome, self.reason = "refused", "deadline"
-            raise RetriesExhaustedError(
-                f"{rt.name} {self.method} {self.endpoint}: the request's deadline has passed",
-                upstream=rt.name,
-                reason="deadline",
-                retry_after_s=None,
-            )
+            message = f"{rt.name} {self.method} {self.endpoint}: the request's deadline has passed"
+            raise self._refused(RetriesExhaustedError(message, upstream=rt.name, reason="deadline"))
         if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
-            self.outcome, self.reason = "refused", "bulkhead_full"
-            raise BulkheadFullError(
-                f"{rt.name} already has {rt.settings.max_concurrency} calls in flight",
-                upstream=rt.name,
-                reason="bulkhead_full",
-                retry_after_s=None,
+            message = f"{rt.name} already has {rt.settings.max_concurrency} calls in flight"
+            raise self._refused(
+                BulkheadFullError(message, upstream=rt.name, reason="bulkhead_full")
             )
         self._entered = True
         rt.budget.deposit()
@@ -320,6 +312,11 @@ class GuardedCall(CallRecord):
             self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
 
     # -- inside the steps ----------------------------------------------------------------------
+
+    def _refused(self, error: UpstreamUnavailable) -> UpstreamUnavailable:
+        """Record that the call was refused before reaching the upstream; return the error."""
+        self.outcome, self.reason = "refused", error.reason
+        return error
 
     def _admit(self) -> Attempt | None:
         """Ask the breaker for a retry; ``None`` hands the last response back."""
