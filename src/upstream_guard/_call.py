@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _telemetry as telemetry
 from ._body import BodyWatch
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
-from ._classify import FAILURE_BODY, Outcome, readable
+from ._classify import FAILURE_BODY, readable
 from ._context import guarding, request_context, state
 from ._errors import UpstreamUnavailable, as_client_error, is_client_error
 from ._pipeline import HEALTHY, Attempt, AttemptResult, GuardedCall, Wait
@@ -134,6 +134,8 @@ class Exchange(GuardedCall):
     token: Token[bool] | None = None
     traced = False
     """Whether the call records spans (an OpenTelemetry SDK is installed)."""
+    mistake = False
+    """Whether an attempt raised the caller's own mistake (passed on untouched)."""
 
     def __init__(
         self,
@@ -156,8 +158,6 @@ class Exchange(GuardedCall):
         super().__init__(rt, method, started, deadline, replayable)
         if rt.stale is not None:
             self.key = self._stale_key(method)
-        if state.patched:
-            self.token = guarding.set(True)
         observer = guard._telemetry  # noqa: SLF001 - the package's own
         if started >= observer.until:
             observer.refresh(started)
@@ -166,6 +166,8 @@ class Exchange(GuardedCall):
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
             self.span = telemetry.CallSpan(self, url.host, url.port, attempt_spans=own)
+        if state.patched:  # last: nothing after it may raise and leave it set
+            self.token = guarding.set(True)
 
     # CallRecord's field, worked out when first read: a plain call never needs it.
     @cached_property
@@ -196,6 +198,7 @@ class Exchange(GuardedCall):
         """An attempt's error: upstream trouble, or (raised again) the caller's mistake."""
         kind = self.adapter.error_kind(exc)
         if kind is None:
+            self.mistake = True
             raise exc
         return AttemptResult(error_kind=kind, error=exc)
 
@@ -214,8 +217,8 @@ class Exchange(GuardedCall):
             if status >= 500 or status == 429:
                 return self._stale() or response
             self.copying = storable(status, self.adapter.header(response, "cache-control"))
-        if self.ctx is not None or self.copying:
-            self.adapter.watch(response, BodyWatch(self))
+        if (self.ctx is not None or self.copying) and status not in FAILURE_BODY:
+            self.adapter.watch(response, BodyWatch(self))  # a failure's body is read already
         return response
 
     def keep(self, response: Any, body: bytes | None) -> None:
@@ -247,10 +250,7 @@ class Exchange(GuardedCall):
 
     def finish(self) -> None:
         """The call is over, however it ended: record, context, telemetry, events."""
-        if self.outcome is not Outcome.SUCCESS:  # a success took its duration as it came
-            self.duration_s = self.rt.clock.monotonic() - self.started
-        if self._entered and self.rt.bulkhead is not None:
-            self.rt.bulkhead.release()
+        self.end()
         if self.token is not None:
             guarding.reset(self.token)
         if self.span is not None:
@@ -302,7 +302,7 @@ def run_sync(  # noqa: C901 - one call's steps read best in one place
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:
-        x.abandon(exc)
+        x.abandon(exc, mistake=x.mistake)
         raise
     else:
         return response
@@ -348,7 +348,7 @@ async def run_async(  # noqa: C901 - one call's steps read best in one place
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:
-        x.abandon(exc)
+        x.abandon(exc, mistake=x.mistake)
         raise
     else:
         return response

@@ -132,9 +132,10 @@ class Guard:
         """Guard httpx, httpx2 and requests calls made anywhere in this process.
 
         ``install(app)`` does it for an app. Clients keep working as they are; calls to
-        hosts no upstream names pass straight through. ``close()`` undoes it.
+        hosts no upstream names pass straight through. The guard is held until ``close()``,
+        which undoes it.
         """
-        _instrument.instrument(self)
+        _instrument.instrument(self, weak=False)
 
     def fallback(self, path: str) -> Callable[[F], F]:
         """Register a route's own fallback: ``(request, error) -> Response``, sync or async.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._body import AsyncChunks, SyncChunks
+from ._classify import FAILURE_BODY
 
 if TYPE_CHECKING:
     from ._body import BodyWatch
@@ -119,7 +120,10 @@ class _Async(_Adapter):
     async def _scoped(self, request: Any, timeout_s: float, sender: Any) -> Any:
         try:
             with anyio.fail_after(timeout_s):
-                return await sender(request)
+                response = await sender(request)
+                if response.status_code in FAILURE_BODY:  # its body too, within the time
+                    await self.read_failure(response)
+                return response
         except TimeoutError as exc:
             raise self.module.TimeoutException("the attempt timed out", request=request) from exc
 

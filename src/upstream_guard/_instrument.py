@@ -7,8 +7,9 @@ route) are guarded without changes. Hosts that no upstream names pass straight t
 guard that applies is the one the middleware set for the request being served, else the
 most recently instrumented one still alive.
 
-Guards are held weakly: an app built and dropped without running its lifespan leaves no
-guard behind, and the clients are unpatched once no instrumented guard is left.
+An app's guard is held weakly: an app built and dropped without running its lifespan leaves
+no guard behind, and the clients are unpatched once no instrumented guard is left. A guard
+instrumented by ``guard.instrument()`` is held until ``guard.close()``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._call import run_async, run_sync
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 # Reentrant: a guard collected while the lock is held (a GC pass) calls back into it.
 _lock = threading.RLock()
-_installed: list[weakref.ref[Guard]] = []
+_installed: list[Callable[[], Guard | None]] = []  # weak references, or holders of a guard
 _originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) to restore
 
 
@@ -43,11 +45,14 @@ def active_guard() -> Guard | None:
     return None
 
 
-def instrument(guard: Guard) -> None:
-    """Make ``guard`` the most recent instrumented guard; patch the clients on the first."""
+def instrument(guard: Guard, *, weak: bool) -> None:
+    """Make ``guard`` the most recent instrumented guard; patch the clients on the first.
+
+    ``weak``: held only while something else holds it (an app's guard).
+    """
     with _lock:
         _forget(guard)
-        _installed.append(weakref.ref(guard, _collected))
+        _installed.append(weakref.ref(guard, _collected) if weak else _Held(guard))
         if not _originals:
             _patch_all()
             state.patched = True
@@ -62,6 +67,18 @@ def uninstrument(guard: Guard) -> None:
 
 def _forget(guard: Guard) -> None:
     _installed[:] = [ref for ref in _installed if ref() not in (guard, None)]
+
+
+class _Held:
+    """A strong reference that reads like a weak one."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+
+    def __call__(self) -> Guard:
+        return self._guard
 
 
 def _collected(ref: weakref.ref[Guard]) -> None:

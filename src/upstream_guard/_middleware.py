@@ -13,6 +13,7 @@ from ._context import RequestContext, request_context
 from ._dashboard import Dashboard
 from ._fallback import fallback_response, find_unavailable
 from ._guard import Guard
+from ._instrument import instrument
 from ._settings import GuardSettings
 
 Scope = MutableMapping[str, Any]
@@ -48,7 +49,7 @@ class UpstreamGuardMiddleware:
         self._own_paths = frozenset(
             {self._health_path, *(self._dashboard.paths if self._dashboard else ())}
         )
-        self.guard.instrument()  # held weakly: a dropped app leaves nothing behind
+        instrument(self.guard, weak=True)  # a dropped app leaves nothing behind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Guard an http request; health, dashboard, lifespan and the rest are dispatched."""
@@ -107,7 +108,7 @@ class UpstreamGuardMiddleware:
 
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
-                self.guard.instrument()
+                instrument(self.guard, weak=True)
                 self.guard.start()
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 self.guard.close()
@@ -133,5 +134,5 @@ def install(
     app.add_middleware(UpstreamGuardMiddleware, guard=guard)
     if state is not None:
         state.upstream_guard = guard
-    guard.instrument()
+    instrument(guard, weak=True)
     return guard

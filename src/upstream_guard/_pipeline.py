@@ -296,20 +296,33 @@ class GuardedCall(CallRecord):
             raise _cooling(self.rt, left) from last.error
         return self._admit()
 
-    def abandon(self, exc: BaseException) -> None:
-        """The attempt in flight raised ``exc``: the caller went away, or made a mistake.
+    def abandon(self, exc: BaseException, *, mistake: bool) -> None:
+        """The call raised ``exc``, none of the upstream's answers: it counts for nothing.
 
-        Neither counts for or against the upstream. A cancellation (a ``BaseException``
-        that is not an ``Exception``) is recorded as ``cancelled``; anything else, such as an
-        unsupported scheme or an invalid argument, as the caller's ``client_error``.
+        ``mistake``: the caller's own (an unsupported scheme, an invalid argument), recorded
+        as ``client_error``. A cancellation (a ``BaseException`` that is not an
+        ``Exception``) is ``cancelled``; any other error, ``failure`` under its class's name.
+        """
+        if mistake:
+            self.outcome, self.reason = Outcome.CLIENT_ERROR, "invalid_request"
+        elif isinstance(exc, Exception):
+            self.outcome, self.reason = Outcome.FAILURE, type(exc).__name__
+        else:
+            self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
+
+    def end(self) -> None:
+        """The call is over, however it ended: whatever it holds goes back.
+
+        A permit still held (the attempt raised) counts for nothing; the bulkhead place is
+        freed; the duration is taken, unless a success took it as it came.
         """
         if self.permit is not None:
             self.permit.breaker.release(self.permit)
             self.permit = None
-        if isinstance(exc, Exception):
-            self.outcome, self.reason = Outcome.CLIENT_ERROR, "invalid_request"
-        else:
-            self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
+        if self.outcome is not Outcome.SUCCESS:
+            self.duration_s = self.rt.clock.monotonic() - self.started
+        if self._entered and self.rt.bulkhead is not None:
+            self.rt.bulkhead.release()
 
     # -- inside the steps ----------------------------------------------------------------------
 

@@ -1,16 +1,16 @@
 """requests (spotipy's client): the adapter of the one guarded call.
 
-The session reads a delivered body after the adapter returns, as it always does; the raw
-body is watched while it does. A failure answer's raw bytes are read to classify it and
-replayed, so the session (or a ``stream=True`` caller) reads them as sent. Imported only
-when requests is used: ``import upstream_guard`` never imports requests.
+Unless the caller streams, the session reads a whole body right after the adapter returns:
+the adapter reads its raw bytes within the attempt instead, so a body that breaks or drips
+past the attempt's time is that attempt's failure, and puts them back as they came, so the
+session decodes them once, as it would have. A failure answer's body is read and put back
+the same way, streamed or not. Imported only when requests is used: ``import
+upstream_guard`` never imports requests.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Generator
-from functools import partial
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +19,12 @@ import requests.adapters
 import urllib3
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
+from ._classify import FAILURE_BODY
+
 if TYPE_CHECKING:
     from ._body import BodyWatch
     from ._cache import CachedResponse
+    from ._clock import Clock
     from ._sessions import UrlParts
 
 
@@ -37,15 +40,19 @@ def _capped(value: Any, seconds: float) -> Any:
 def _timeout(user: Any, seconds: float) -> Any:
     """The caller's timeout (a number, a pair or a ``urllib3.Timeout``) capped at ``seconds``."""
     if isinstance(user, urllib3.Timeout):
-        connect, read = user.connect_timeout, user.read_timeout
-        return urllib3.Timeout(connect=_capped(connect, seconds), read=_capped(read, seconds))
+        capped = user.clone()  # its connect and read limits as given; the whole attempt bounded
+        capped.total = _capped(user.total, seconds)
+        return capped
     if isinstance(user, tuple) and len(user) == 2:
         return tuple(_capped(t, seconds) for t in user)
     return user if isinstance(user, tuple) else _capped(user, seconds)
 
 
 def _replayed(raw: Any, body: bytes) -> urllib3.HTTPResponse:
-    """A raw response that gives ``body`` (bytes as sent) to whoever reads it next."""
+    """A raw response that gives ``body`` (bytes as sent) to whoever reads it next.
+
+    It keeps the original's ``http.client`` response, where requests reads the cookies.
+    """
     return urllib3.HTTPResponse(
         body=io.BytesIO(body),
         headers=raw.headers,
@@ -54,6 +61,9 @@ def _replayed(raw: Any, body: bytes) -> urllib3.HTTPResponse:
         reason=raw.reason,
         preload_content=False,
         decode_content=raw.decode_content,
+        original_response=getattr(raw, "_original_response", None),
+        retries=raw.retries,
+        request_url=raw.url,
     )
 
 
@@ -65,16 +75,21 @@ _NETWORK_ERRORS = (
 
 
 class Adapter:
-    """One requests call: the HTTPAdapter sending it, its send arguments and its URL."""
+    """One requests call: the HTTPAdapter sending it, its arguments, URL and clock."""
 
-    __slots__ = ("_http", "_kwargs", "_parts")
+    __slots__ = ("_clock", "_http", "_kwargs", "_parts")
     base_error: type[Exception] = requests.ConnectionError
-    attempt_errors: tuple[type[BaseException], ...] = (requests.RequestException, HTTPError)
+    # ValueError: an argument requests refuses (``timeout="foo"``), the caller's mistake
+    attempt_errors: tuple[type[BaseException], ...] = (
+        requests.RequestException,
+        HTTPError,
+        ValueError,
+    )
     instrumentation: str | None = "requests"
 
-    def __init__(self, http: Any, kwargs: Any, parts: UrlParts) -> None:
+    def __init__(self, http: Any, kwargs: Any, parts: UrlParts, clock: Clock) -> None:
         self._http = http  # the HTTPAdapter sending
-        self._kwargs, self._parts = kwargs, parts
+        self._kwargs, self._parts, self._clock = kwargs, parts, clock
 
     def location(self, request: Any) -> UrlParts:  # noqa: ARG002 - the protocol's signature
         return self._parts
@@ -95,8 +110,11 @@ class Adapter:
     def error_kind(exc: BaseException) -> str | None:
         if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError):
             return "timeout"
-        if isinstance(exc, requests.ConnectionError):
-            return "connect_error"
+        if isinstance(exc, requests.ConnectionError):  # a body's read timeout, as requests says it
+            cause = exc.args[0] if exc.args else None
+            return (
+                "timeout" if isinstance(cause, urllib3.exceptions.TimeoutError) else "connect_error"
+            )
         return "network_error" if isinstance(exc, _NETWORK_ERRORS) else None
 
     def replayable(self, request: Any, replay_methods: frozenset[str]) -> bool | None:  # noqa: ARG002
@@ -107,27 +125,47 @@ class Adapter:
 
     def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
         timeout = _timeout(self._kwargs.get("timeout"), timeout_s)
-        return sender(request, **{**self._kwargs, "timeout": timeout})
+        response = sender(request, **{**self._kwargs, "timeout": timeout})
+        if not self._kwargs.get("stream") and response.status_code not in FAILURE_BODY:
+            # The session reads the whole body next anyway: read it within the attempt, so a
+            # body that breaks or drips past the attempt's time is the attempt's failure.
+            self._read(response, self._clock.monotonic() + timeout_s)
+        return response
 
     def read_failure(self, response: Any) -> bytes:
-        try:
-            body: bytes = response.raw.read(decode_content=False)
-        except ReadTimeoutError as exc:  # as requests itself says it when it reads a body
-            raise requests.ConnectionError(exc) from exc
-        except ProtocolError as exc:
-            raise requests.exceptions.ChunkedEncodingError(exc) from exc
-        response.raw = _replayed(response.raw, body)
-        return body
+        return self._read(response, None)
 
     def read_copy(self, response: Any) -> bytes | None:
-        body = self.read_failure(response)
+        body = self._read(response, None)
         try:
             return _replayed(response.raw, body).read(decode_content=True)
         except urllib3.exceptions.DecodeError:
             return None
 
+    def _read(self, response: Any, deadline: float | None) -> bytes:
+        """The raw body, put back as it came: the session decodes it once, as it would have."""
+        try:
+            body = self._raw_body(response.raw, deadline)
+        except ReadTimeoutError as exc:  # as requests itself says it when it reads a body
+            raise requests.ConnectionError(exc, request=response.request) from exc
+        except ProtocolError as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc, response=response) from exc
+        response.raw = _replayed(response.raw, body)
+        return body
+
+    def _raw_body(self, raw: Any, deadline: float | None) -> bytes:
+        read1 = getattr(raw, "read1", None)  # urllib3 2.2+: what has arrived, as it arrives
+        if deadline is None or read1 is None:
+            return raw.read(decode_content=False)  # type: ignore[no-any-return]
+        chunks = []
+        while chunk := read1(64 * 1024, decode_content=False):
+            chunks.append(chunk)
+            if self._clock.monotonic() > deadline:
+                raise ReadTimeoutError(None, raw.url, "the body outlasted the attempt")  # type: ignore[arg-type]
+        return b"".join(chunks)
+
     def watch(self, response: Any, watch: BodyWatch) -> None:
-        response.raw = _WatchedRaw(response.raw, watch)
+        """Nothing to watch: a body is read within the attempt, or left to a streaming caller."""
 
     def late_error(self, request: Any) -> Exception:
         return ReadTimeoutError(None, request.url, "the body outlasted the deadline")  # type: ignore[arg-type]
@@ -138,34 +176,3 @@ class Adapter:
             body, urllib3.HTTPHeaderDict(headers), entry.status, reason="OK", preload_content=False
         )
         return self._http.build_response(request, raw)
-
-
-class _WatchedRaw:
-    """``response.raw`` read through a watch; the rest is the raw response's own."""
-
-    def __init__(self, raw: Any, watch: BodyWatch) -> None:
-        self._raw, self._watch = raw, watch
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-    def stream(self, amt: int = 2**16, decode_content: bool | None = None) -> Generator[bytes]:
-        """What ``iter_content`` reads: each chunk as it arrives (``read1``), watched."""
-        read1 = partial(self._raw.read1, amt, decode_content=decode_content)
-        try:
-            yield from map(self._watch.passed, iter(read1, b""))
-        except Exception as exc:
-            error = self._watch.replacement(exc)
-            if error is None:
-                raise
-            raise error from exc
-
-    def read(self, amt: int | None = None, decode_content: bool | None = None, **_: Any) -> bytes:
-        """Read as ``HTTPResponse.read`` does, chunk by chunk, watched."""
-        chunks = self.stream(amt or 2**16, decode_content)
-        if amt is None:
-            return b"".join(chunks)
-        try:
-            return next(chunks, b"")
-        finally:
-            chunks.close()

@@ -50,7 +50,7 @@ def send_guarded(
     if rt is None:
         return send(request, **kwargs)
     assert guard is not None  # noqa: S101 - route found it
-    return run_sync(guard, rt, Adapter(http, kwargs, parts), request, send)
+    return run_sync(guard, rt, Adapter(http, kwargs, parts, rt.clock), request, send)
 
 
 class GuardedAdapter(requests.adapters.HTTPAdapter):

@@ -54,13 +54,18 @@ def flavor(module_name: str) -> Flavor | None:
 
 
 def flavor_of(inner: object | None) -> Flavor:
-    """The flavour an inner transport belongs to (httpx when there is none)."""
-    name = "httpx" if inner is None else type(inner).__module__.partition(".")[0]
-    found = flavor(name) if name in ("httpx", "httpx2") else None
-    if found is None:
-        found = flavor("httpx")
-        assert found is not None  # noqa: S101 - httpx is a dependency
-    return found
+    """The flavour an inner transport belongs to: the library whose base transport it is.
+
+    httpx when there is no inner transport, or when it is neither library's.
+    """
+    httpx = flavor("httpx")
+    assert httpx is not None  # noqa: S101 - httpx is a dependency
+    other = flavor("httpx2") if inner is not None else None
+    if other is not None:
+        bases = (other.module.AsyncBaseTransport, other.module.BaseTransport)
+        if isinstance(inner, bases):
+            return other
+    return httpx
 
 
 def _needs_cancel_scope(inner: Any, module: types.ModuleType) -> bool:
