@@ -47,6 +47,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"hello")
 
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "5")  # the size a GET would get; no body follows
+        self.end_headers()
+
 
 @pytest.fixture
 def server() -> Iterator[str]:
@@ -165,3 +170,11 @@ def test_guard_instrument_holds_its_guard_until_closed(server):
     assert [e.outcome for e in events] == ["success"]
     close()
     assert not hasattr(requests.adapters.HTTPAdapter.send, "__upstream_guard__")
+
+
+def test_requests_head_answers_have_no_body_to_wait_for(server):
+    """A HEAD's Content-Length promises a body that never comes: read as requests reads it."""
+    response = Guard(settings(server)).requests_session().head(f"http://{server}/ok", timeout=5)
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response.headers["content-length"] == "5"

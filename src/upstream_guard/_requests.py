@@ -61,6 +61,8 @@ def _replayed(raw: Any, body: bytes) -> urllib3.HTTPResponse:
         reason=raw.reason,
         preload_content=False,
         decode_content=raw.decode_content,
+        # What was read is the whole body: a HEAD's Content-Length promised none of it.
+        enforce_content_length=False,
         original_response=getattr(raw, "_original_response", None),
         retries=raw.retries,
         request_url=raw.url,
