@@ -26,6 +26,7 @@ import threading
 from collections import Counter
 from typing import Any
 
+import netblock  # loaded beside this plugin in every run: it tracks the test running
 import pytest
 
 UPSTREAM = "local"
@@ -35,7 +36,6 @@ NEVER = 1_000_000_000
 _lock = threading.Lock()
 _stats: Counter[str] = Counter()
 _tests_with_calls: set[str] = set()
-_current = {"nodeid": "<session>"}
 _state: dict[str, Any] = {}
 
 
@@ -74,7 +74,7 @@ def _on_call(event: Any) -> None:
             _stats["multi_attempt"] += 1
         if breaker != "closed" or outcome == "refused":
             _stats["breaker_not_closed"] += 1
-        _tests_with_calls.add(_current["nodeid"])
+        _tests_with_calls.add(netblock.current_test())
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -85,15 +85,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import upstream_guard  # noqa: PLC0415
 
     _state["source"] = os.path.dirname(upstream_guard.__file__ or "?")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Any:
-    _current["nodeid"] = item.nodeid
-    try:
-        return (yield)
-    finally:
-        _current["nodeid"] = "<between tests>"
 
 
 def _snapshot() -> dict[str, Any]:

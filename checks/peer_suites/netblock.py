@@ -118,6 +118,11 @@ socket.gethostbyname = _gethostbyname
 socket.gethostbyname_ex = _gethostbyname_ex
 
 
+def current_test() -> str:
+    """The node id of the test running now (what the plugins' counts are kept by)."""
+    return _current["nodeid"]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Any:
     _current["nodeid"] = item.nodeid
