@@ -1,6 +1,7 @@
 """The body of a delivered answer is part of the call: its failures are upstream failures.
 
-A 2xx is handed back unread, so that clients can stream it. ``BodyWatch`` sees each chunk
+An httpx answer that is no failure is handed back unread, so that clients can stream it
+(requests' adapter reads the body within the attempt instead). ``BodyWatch`` sees each chunk
 as the caller reads it: a read that fails (a reset or truncated body) or comes after the
 call's deadline counts against the upstream's breaker and the request being served, and
 the reader gets the client's own error class, also an ``UpstreamUnavailable``. Inside the

@@ -7,8 +7,9 @@ here, once: the record, the deadline, the decisions (``GuardedCall``), the stale
 mapping of errors to the client's own classes, telemetry and events. ``run_sync`` and
 ``run_async`` are twins that differ only in ``await`` (a test keeps them so).
 
-Every entry point (explicit transports, instrumented clients) goes the same way: find the
-guard, skip if a guard is already driving this call, match the host (``route``), then run.
+Every entry point (explicit transports, instrumented clients, sessions) goes the same way:
+find the guard, ask it for the upstream (``Guard._route``: none while a guard already drives
+this call, none for a host no upstream names), then run.
 """
 
 from __future__ import annotations
