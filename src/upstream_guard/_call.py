@@ -156,7 +156,14 @@ class Exchange(GuardedCall):
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
             deadline = ctx.deadline
-        super().__init__(rt, method, started, deadline, replayable)
+        self.upstream = rt.name
+        self.method = method
+        self.started = started
+        self.rt = rt
+        self.deadline = deadline
+        self.breaker = rt.breaker or rt.breaker_for(self.endpoint)
+        if not replayable:
+            self._retryable = False
         if rt.stale is not None:
             self.key = self._stale_key(method)
         observer = guard._telemetry  # noqa: SLF001 - the package's own

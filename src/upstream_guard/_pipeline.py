@@ -180,6 +180,9 @@ def classify_result(result: AttemptResult) -> tuple[Outcome, str]:
 HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 
 
+_SUCCESS = Outcome.SUCCESS
+
+
 def _cooling(rt: UpstreamRuntime, left: float) -> RateLimitedError:
     return RateLimitedError(
         f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
@@ -190,37 +193,26 @@ def _cooling(rt: UpstreamRuntime, left: float) -> RateLimitedError:
 
 
 class GuardedCall(CallRecord):
-    """The decisions of one logical call, and its record (see the module docstring)."""
+    """The decisions of one logical call, and its record (see the module docstring).
+
+    The call that owns it (``_call.Exchange``, a subclass, built once per call on the hot
+    path) sets, besides the record's fields: ``rt``, the upstream's runtime; ``deadline``,
+    when the call must end on the guard's clock; ``breaker``, the one for its endpoint.
+    """
+
+    rt: UpstreamRuntime
+    deadline: float
+    """The earlier of the inbound request's deadline and ``timeout.total_s``."""
+    breaker: Breaker
 
     permit: Permit | None = None
     """The breaker permit of the attempt in flight, if one is."""
-    _entered = False
+    _placed = False
+    """Whether the call holds a bulkhead place."""
     _retryable = True
     _previous_reason = ""
     _last: AttemptResult | None = None
     """The last attempt's result, once one came back."""
-
-    def __init__(
-        self,
-        rt: UpstreamRuntime,
-        method: str,
-        started: float,
-        deadline: float,
-        retryable_body: bool,
-    ) -> None:
-        """Start a call made at ``started`` that must end by ``deadline`` (the guard's clock).
-
-        ``endpoint`` (the path's template) is the subclass's to give, when it is read.
-        """
-        self.upstream = rt.name
-        self.method = method
-        self.started = started
-        self.rt = rt
-        self.deadline = deadline
-        """The earlier of the inbound request's deadline and ``timeout.total_s``."""
-        self.breaker = rt.breaker or rt.breaker_for(self.endpoint)
-        if not retryable_body:
-            self._retryable = False
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -240,12 +232,12 @@ class GuardedCall(CallRecord):
         if now >= self.deadline:  # the inbound request's time is spent: not worth a call
             message = f"{rt.name} {self.method} {self.endpoint}: the request's deadline has passed"
             raise self._refused(RetriesExhaustedError(message, upstream=rt.name, reason="deadline"))
-        if rt.bulkhead is not None and not rt.bulkhead.try_acquire():
-            message = f"{rt.name} already has {rt.settings.max_concurrency} calls in flight"
-            raise self._refused(
-                BulkheadFullError(message, upstream=rt.name, reason="bulkhead_full")
-            )
-        self._entered = True
+        if rt.bulkhead is not None:
+            if not rt.bulkhead.try_acquire():
+                message = f"{rt.name} already has {rt.settings.max_concurrency} calls in flight"
+                error = BulkheadFullError(message, upstream=rt.name, reason="bulkhead_full")
+                raise self._refused(error)
+            self._placed = True
         rt.budget.deposit()
         permit = self.breaker.admit(now)
         if permit is None:
@@ -258,15 +250,15 @@ class GuardedCall(CallRecord):
 
     def after(self, result: AttemptResult) -> Attempt | Wait | None:
         """What follows an attempt: another after a wait, or the end (``None``: deliver it)."""
-        permit = self.permit
-        assert permit is not None  # noqa: S101 - an attempt always holds a permit
+        permit: Permit = self.permit  # type: ignore[assignment]
         self.permit = None
         status = result.status
         if status is not None and status < 400:  # the hot path: a healthy answer
             now = self.rt.clock.monotonic()
             permit.breaker.record_success(permit, now)
             self.status = status
-            self.outcome, self.reason = Outcome.SUCCESS, "ok"
+            self.outcome = _SUCCESS
+            self.reason = "ok"
             self.duration_s = now - self.started  # delivered now: ``finish`` need not ask again
             return None
         try:
@@ -284,7 +276,7 @@ class GuardedCall(CallRecord):
 
     def after_wait(self) -> Attempt | Wait | None:
         """After a wait: the cooldown's end lets the call in; a backoff's may be cut short."""
-        if not self._entered:  # the cooldown waited for: go on from the start
+        if not self.attempts:  # the cooldown waited for: go on from the start
             return self.begin()
         last = self._last
         assert last is not None  # noqa: S101 - a backoff follows a result
@@ -321,8 +313,9 @@ class GuardedCall(CallRecord):
             self.permit = None
         if self.outcome is not Outcome.SUCCESS:
             self.duration_s = self.rt.clock.monotonic() - self.started
-        if self._entered and self.rt.bulkhead is not None:
-            self.rt.bulkhead.release()
+        if self._placed:
+            self._placed = False
+            self.rt.bulkhead.release()  # type: ignore[union-attr]
 
     # -- inside the steps ----------------------------------------------------------------------
 
