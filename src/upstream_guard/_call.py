@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _telemetry as telemetry
 from ._body import BodyWatch
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
-from ._classify import FAILURE_BODY, readable
+from ._classify import FAILURE_BODY, Outcome, readable
 from ._context import guarding, request_context, state
 from ._errors import UpstreamUnavailable, as_client_error, is_client_error
 from ._pipeline import HEALTHY, Attempt, AttemptResult, GuardedCall, Wait
@@ -257,8 +257,19 @@ class Exchange(GuardedCall):
         ) from exc.__cause__
 
     def finish(self) -> None:
-        """The call is over, however it ended: record, context, telemetry, events."""
-        self.end()
+        """The call is over, however it ended: what it holds goes back; record, events.
+
+        A permit still held (the attempt raised) counts for nothing; the bulkhead place is
+        freed; the duration is taken, unless a success took it as it came.
+        """
+        if self.permit is not None:
+            self.permit.breaker.release(self.permit)
+            self.permit = None
+        if self.outcome is not Outcome.SUCCESS:
+            self.duration_s = self.rt.clock.monotonic() - self.started
+        if self._placed:
+            self._placed = False
+            self.rt.bulkhead.release()  # type: ignore[union-attr]
         if self.token is not None:
             guarding.reset(self.token)
         if self.span is not None:
@@ -272,7 +283,7 @@ class Exchange(GuardedCall):
             guard._subscribers.publish(self)  # noqa: SLF001
 
 
-def run_sync(  # noqa: C901 - one call's steps read best in one place
+def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
     guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: Any, sender: Any
 ) -> Any:
     """Run one guarded call for a sync client: the response, or the client's error."""
@@ -304,9 +315,10 @@ def run_sync(  # noqa: C901 - one call's steps read best in one place
             if span is not None:
                 telemetry.CallSpan.attempt_done(span, result.status, result.error)
             step = x.after(result)
-        response = x.delivered(response, status)
-        if x.copying:
-            x.keep(response, adapter.read_copy(response))
+        if x.key is not None or x.ctx is not None:  # else: nothing to watch, keep or swap
+            response = x.delivered(response, status)
+            if x.copying:
+                x.keep(response, adapter.read_copy(response))
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:
@@ -318,7 +330,7 @@ def run_sync(  # noqa: C901 - one call's steps read best in one place
         x.finish()
 
 
-async def run_async(  # noqa: C901 - one call's steps read best in one place
+async def run_async(  # noqa: C901, PLR0912 - one call's steps read best in one place
     guard: Guard, rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any, sender: Any
 ) -> Any:
     """Run one guarded call for an async client: the response, or the client's error."""
@@ -350,9 +362,10 @@ async def run_async(  # noqa: C901 - one call's steps read best in one place
             if span is not None:
                 telemetry.CallSpan.attempt_done(span, result.status, result.error)
             step = x.after(result)
-        response = x.delivered(response, status)
-        if x.copying:
-            x.keep(response, await adapter.read_copy(response))
+        if x.key is not None or x.ctx is not None:  # else: nothing to watch, keep or swap
+            response = x.delivered(response, status)
+            if x.copying:
+                x.keep(response, await adapter.read_copy(response))
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:

@@ -302,21 +302,6 @@ class GuardedCall(CallRecord):
         else:
             self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
 
-    def end(self) -> None:
-        """The call is over, however it ended: whatever it holds goes back.
-
-        A permit still held (the attempt raised) counts for nothing; the bulkhead place is
-        freed; the duration is taken, unless a success took it as it came.
-        """
-        if self.permit is not None:
-            self.permit.breaker.release(self.permit)
-            self.permit = None
-        if self.outcome is not Outcome.SUCCESS:
-            self.duration_s = self.rt.clock.monotonic() - self.started
-        if self._placed:
-            self._placed = False
-            self.rt.bulkhead.release()  # type: ignore[union-attr]
-
     # -- inside the steps ----------------------------------------------------------------------
 
     def _refused(self, error: UpstreamUnavailable) -> UpstreamUnavailable:

@@ -120,15 +120,14 @@ class SyncGuardedTransport:
         """Wrap ``inner`` (default: the module's ``HTTPTransport``)."""
         self._guard = guard
         self._inner = inner if inner is not None else self.flavor.module.HTTPTransport()
+        self._adapter = self.flavor.sync_adapter
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request``, guarded when its host belongs to an upstream."""
         rt = self._guard._route(request.url)  # noqa: SLF001 - the package's own
         if rt is None:
             return self._inner.handle_request(request)
-        return run_sync(
-            self._guard, rt, self.flavor.sync_adapter, request, self._inner.handle_request
-        )
+        return run_sync(self._guard, rt, self._adapter, request, self._inner.handle_request)
 
     def close(self) -> None:
         """Close the inner transport."""
