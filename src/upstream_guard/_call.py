@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from ._pipeline import UpstreamRuntime
 
 
+_SUCCESS = Outcome.SUCCESS
+
+
 class _Adapter(Protocol):
     """What sync and async adapters share: everything but I/O."""
 
@@ -151,13 +154,11 @@ class Exchange(GuardedCall):
         self.adapter = adapter
         self.request = request
         self.ctx = ctx = request_context.get()
-        method = adapter.method(request)
         started = rt.clock.monotonic()
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
             deadline = ctx.deadline
         self.upstream = rt.name
-        self.method = method
         self.started = started
         self.rt = rt
         self.deadline = deadline
@@ -165,7 +166,7 @@ class Exchange(GuardedCall):
         if not replayable:
             self._retryable = False
         if rt.stale is not None:
-            self.key = self._stale_key(method)
+            self.key = self._stale_key()
         observer = guard._telemetry  # noqa: SLF001 - the package's own
         if started >= observer.until:
             observer.refresh(started)
@@ -177,14 +178,19 @@ class Exchange(GuardedCall):
         if state.patched:  # last: nothing after it may raise and leave it set
             self.token = guarding.set(True)
 
-    # CallRecord's field, worked out when first read: a plain call never needs it.
+    # CallRecord's fields, worked out when first read: a plain call never needs them.
     @cached_property
     def endpoint(self) -> str:  # type: ignore[override]
         """The path's template: worked out only if a breaker, span, event or log reads it."""
         return self.rt.matcher.match(self.adapter.path(self.request))
 
-    def _stale_key(self, method: str) -> str | None:
-        if method != "GET":
+    @cached_property
+    def method(self) -> str:  # type: ignore[override]
+        """The request's method (CallRecord's field, read when something needs it)."""
+        return self.adapter.method(self.request)
+
+    def _stale_key(self) -> str | None:
+        if self.method != "GET":
             return None
         header, request = self.adapter.header, self.request
         if wants_no_copy(header(request, "cache-control")):
@@ -265,7 +271,7 @@ class Exchange(GuardedCall):
         if self.permit is not None:
             self.permit.breaker.release(self.permit)
             self.permit = None
-        if self.outcome is not Outcome.SUCCESS:
+        if self.outcome is not _SUCCESS:
             self.duration_s = self.rt.clock.monotonic() - self.started
         if self._placed:
             self._placed = False
