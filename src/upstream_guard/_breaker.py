@@ -187,6 +187,8 @@ class Breaker:
         generation = self.generation  # before the state: a transition in between makes it stale
         if self.current == CLOSED:  # the hot path: no lock, no pybreaker
             return Permit(self, generation, False, now)
+        if self.current == OPEN and now < self._opened_at + self.settings.reset_timeout_s:
+            return None  # a refusal needs no lock either: nothing changes
         with self._lock:
             if self.current == OPEN:
                 if now < self._opened_at + self.settings.reset_timeout_s:

@@ -219,8 +219,6 @@ class GuardedCall(CallRecord):
     def begin(self) -> Attempt | Wait:
         """The first step: wait out a short 429 cooldown, then take a place and admit."""
         rt = self.rt
-        if self.breaker.current != CLOSED:  # closed is the record's default
-            self.breaker_state = self.breaker.state
         now = self.started
         if rt.cooldown.until > now:
             now = rt.clock.monotonic()
@@ -241,7 +239,9 @@ class GuardedCall(CallRecord):
         rt.budget.deposit()
         permit = self.breaker.admit(now)
         if permit is None:
-            raise self._refusal()
+            raise self._refusal()  # which records the breaker's state
+        if permit.probe:  # closed, the record's default, otherwise
+            self.breaker_state = HALF_OPEN
         self.permit = permit
         self.attempts = 1
         first = rt.first_attempt
@@ -307,6 +307,7 @@ class GuardedCall(CallRecord):
     def _refused(self, error: UpstreamUnavailable) -> UpstreamUnavailable:
         """Record that the call was refused before reaching the upstream; return the error."""
         self.outcome, self.reason = "refused", error.reason
+        self.breaker_state = self.breaker.state
         return error
 
     def _admit(self) -> Attempt | None:
