@@ -98,11 +98,6 @@ def _restore_if_unused() -> None:
     state.patched = False
 
 
-def is_instrumented() -> bool:
-    """Whether the client libraries are currently patched."""
-    return bool(_originals)
-
-
 def _patch(owner: Any, name: str, make: Any) -> None:
     original = getattr(owner, name)
     patched = make(original)
