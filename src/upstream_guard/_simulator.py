@@ -6,12 +6,16 @@ import json
 import random
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Self
 
 import anyio
 import anyio.to_thread
+
+from ._simulated_accounts import TokenEndpoint
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -104,6 +108,36 @@ class SpotifySimulator:
         self._rng = random.Random(seed)  # noqa: S311 - fault injection, not crypto
         self.hits: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
+        self._base_urls: dict[str, str] = {}
+        self._accounts = TokenEndpoint()
+
+    @contextmanager
+    def intercept(self) -> Iterator[Self]:
+        """Answer every call to ``api.spotify.com`` and ``accounts.spotify.com`` while active.
+
+        Calls made with httpx, httpx2, requests (so tekore and spotipy) and aiohttp (when
+        its adapter is installed) keep their ``https://`` URLs: their connections go to
+        this simulator on loopback instead. A guard, installed or not, decides as it would
+        for the real hosts. Yields the simulator. Only one interception can be active at a
+        time; leaving the block restores everything, also on error.
+
+            with SpotifySimulator().intercept() as spotify:
+                spotify.set_fault(Fault.no_healthy_upstream())
+                ...  # your app's calls to Spotify now meet an outage
+        """
+        from ._intercept import intercepting  # noqa: PLC0415 - needs uvicorn: tests only
+
+        with intercepting(self, release=self.release) as base_urls:
+            self._base_urls = base_urls
+            try:
+                yield self
+            finally:
+                self._base_urls = {}
+
+    @property
+    def base_urls(self) -> Mapping[str, str]:
+        """While intercepting: each host's loopback base URL (``http://127.0.0.1:PORT``)."""
+        return MappingProxyType(self._base_urls)
 
     def set_fault(self, fault: Fault, prefix: str = "") -> None:
         """Answer requests whose path starts with ``prefix`` according to ``fault``."""
@@ -122,8 +156,16 @@ class SpotifySimulator:
             self._scripts.clear()
             self.hits.clear()
             self.requests.clear()
+            self._accounts.forget()
             released, self._release = self._release, threading.Event()
         released.set()
+
+    def revoke(self, refresh_token: str) -> None:
+        """Answer ``POST /api/token`` with this refresh token as Spotify does once it is revoked.
+
+        (400 ``invalid_grant``, ``Refresh token revoked``; ``heal()`` forgets revocations.)
+        """
+        self._accounts.revoke(refresh_token)
 
     def release(self) -> None:
         """Let hanging requests go (they answer 504) and held ones answer normally."""
@@ -155,11 +197,13 @@ class SpotifySimulator:
         self.hits[path] += 1
         self.requests.append((scope["method"], path))
         fault = self._fault_for(path)
-        status, headers, body = await self._answer(fault, scope)
+        status, headers, body = await self._answer(fault, scope, receive)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _answer(self, fault: Fault, scope: Scope) -> tuple[int, list[Any], bytes]:
+    async def _answer(
+        self, fault: Fault, scope: Scope, receive: Receive
+    ) -> tuple[int, list[Any], bytes]:
         kind = fault.kind
         if kind == "flapping":
             kind = "no_healthy_upstream" if self._rng.random() < fault.failure_rate else "healthy"
@@ -183,7 +227,39 @@ class SpotifySimulator:
                 return 504, [(b"content-type", b"text/plain")], b"upstream request timeout"
         if kind == "slow":
             await anyio.sleep(fault.delay_s)
-        return 200, _json_headers(), json.dumps(_body_for(scope)).encode()
+        return await self._healthy(scope, receive)
+
+    async def _healthy(self, scope: Scope, receive: Receive) -> tuple[int, list[Any], bytes]:
+        if scope["path"].rstrip("/") == "/api/token":
+            status, token = self._accounts.answer(
+                scope["method"], dict(scope.get("headers") or []), await _read_body(receive)
+            )
+            return status, _json_headers(), json.dumps(token).encode()
+        return _status_for(scope), _json_headers(), json.dumps(_body_for(scope)).encode()
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _status_for(scope: Scope) -> int:
+    """201 for what Spotify creates (playlist items, a playlist); 200 otherwise."""
+    parts = [p for p in scope["path"].split("/") if p]
+    created = (
+        scope["method"] == "POST"
+        and len(parts) == 4
+        and parts[0] == "v1"
+        and (parts[1], parts[3]) in {("playlists", "tracks"), ("playlists", "items")}
+    )
+    return 201 if created else 200
 
 
 def _json_headers() -> list[tuple[bytes, bytes]]:
@@ -197,7 +273,6 @@ _PLAYLIST = "37i9dQZF1DXcBWIGoYBM5M"
 _NOW_PLAYING = "11dFghVXANMlKmJXsNCbNl"
 _MARKETS = ["CA", "DE", "GB", "SE", "US"]
 _SEARCHABLE = ("album", "artist", "playlist", "track")
-_SCOPES = "playlist-read-private user-read-email user-read-playback-state user-read-private"
 
 Body = dict[str, Any]
 
@@ -271,16 +346,19 @@ def _page(href: str, query: dict[str, str], total: int, make: Callable[[int], Bo
     }
 
 
-def _user(api: str, private: bool = False) -> Body:
-    user = _item(api, "user", _sid("simulated-user"), display_name="Simulated User")
+def _user(api: str, private: bool = False, user_id: str | None = None) -> Body:
+    """The listener (``private``: as ``/me`` shows them), another user, or an owner."""
+    user_id = user_id or _sid("simulated-user")
+    name = "Simulated User" if user_id == _sid("simulated-user") else f"User {user_id}"
+    user = _item(api, "user", user_id, display_name=name)
+    if private or user_id != _sid("simulated-user"):
+        user |= {"followers": {"href": None, "total": 42}, "images": _images(user_id)}
     if private:
         user |= {
-            "account_id": user["id"],
+            "account_id": user_id,
             "country": "SE",
             "email": "simulated.user@example.com",
             "explicit_content": {"filter_enabled": False, "filter_locked": False},
-            "followers": {"href": None, "total": 42},
-            "images": _images(user["id"]),
             "product": "premium",
         }
     return user
@@ -299,9 +377,13 @@ def _artist(api: str, artist_id: str = _ARTIST[0], full: bool = False) -> Body:
     return artist
 
 
-def _album(api: str, album_id: str = _ALBUM[0]) -> Body:
+_ALBUM_TRACKS = 10
+
+
+def _album(api: str, album_id: str = _ALBUM[0], full: bool = False) -> Body:
+    """A simplified album, or a full one with its first page of tracks."""
     name = _ALBUM[1] if album_id == _ALBUM[0] else f"Album {album_id}"
-    return _item(
+    album = _item(
         api,
         "album",
         album_id,
@@ -312,32 +394,52 @@ def _album(api: str, album_id: str = _ALBUM[0]) -> Body:
         name=name,
         release_date="2006-03-21",
         release_date_precision="day",
-        total_tracks=10,
+        total_tracks=_ALBUM_TRACKS,
     )
+    if full:
+        album |= {
+            "copyrights": [{"text": "(P) 2006 Sub Pop Records", "type": "P"}],
+            "external_ids": {"upc": "098787069523"},
+            "genres": [],
+            "label": "Sub Pop Records",
+            "popularity": 57,
+            "tracks": _album_tracks(api, album_id, {"limit": "50"}),
+        }
+    return album
 
 
-def _track(api: str, track_id: str, **extra: Any) -> Body:
-    """A full track object, plus the ``extra`` fields."""
+def _album_tracks(api: str, album_id: str, query: dict[str, str]) -> Body:
+    def make(i: int) -> Body:
+        return _track(api, _sid(f"{album_id}:{i}"), simplified=True, track_number=i + 1)
+
+    return _page(f"{api}/albums/{album_id}/tracks", query, _ALBUM_TRACKS, make)
+
+
+def _track(api: str, track_id: str, *, simplified: bool = False, **extra: Any) -> Body:
+    """A full track object (or a simplified one: no album, ids, popularity), plus ``extra``."""
     number = sum(map(ord, track_id))
-    return _item(
+    track = _item(
         api,
         "track",
         track_id,
-        album=_album(api),
         artists=[_artist(api)],
         available_markets=_MARKETS,
         disc_number=1,
         duration_ms=180_000 + number * 97 % 120_000,
         explicit=False,
-        external_ids={"isrc": f"USSUB06{number % 100_000:05d}"},
         is_local=False,
-        is_playable=True,
         name=f"Track {track_id}",
-        popularity=61,
         preview_url=None,
         track_number=number % 10 + 1,
-        **extra,
     )
+    if not simplified:
+        track |= {
+            "album": _album(api),
+            "external_ids": {"isrc": f"USSUB06{number % 100_000:05d}"},
+            "is_playable": True,
+            "popularity": 61,
+        }
+    return track | extra
 
 
 def _playlist(api: str, playlist_id: str, full: bool = False) -> Body:
@@ -388,6 +490,32 @@ def _playlist_items(
     return _page(f"{api}/playlists/{playlist_id}/{key}", query, total, entry)
 
 
+def _cursor_page(href: str, query: dict[str, str], items: list[Body], **extra: Any) -> Body:
+    """A cursor paging object (``/me/following``, ``/me/player/recently-played``)."""
+    from urllib.parse import urlencode  # noqa: PLC0415 - only response bodies need it
+
+    limit = max(1, int(query["limit"])) if query.get("limit", "").isdigit() else 20
+    return {
+        "href": f"{href}?{urlencode({**query, 'limit': limit})}",
+        "items": items[:limit],
+        "limit": limit,
+        "next": None,
+        **extra,
+    }
+
+
+_DEVICE = {
+    "id": "0d1841b0976bae2a3a310dd74c0f3df354899bc8",
+    "is_active": True,
+    "is_private_session": False,
+    "is_restricted": False,
+    "name": "Simulated speaker",
+    "supports_volume": True,
+    "type": "Computer",
+    "volume_percent": 64,
+}
+
+
 def _playback(api: str, with_device: bool = False) -> Body:
     context = _item(api, "playlist", _PLAYLIST)
     body = {
@@ -400,16 +528,7 @@ def _playback(api: str, with_device: bool = False) -> Body:
         "timestamp": _now_ms(),
     }
     if with_device:
-        body["device"] = {
-            "id": "0d1841b0976bae2a3a310dd74c0f3df354899bc8",
-            "is_active": True,
-            "is_private_session": False,
-            "is_restricted": False,
-            "name": "Simulated speaker",
-            "supports_volume": True,
-            "type": "Computer",
-            "volume_percent": 64,
-        }
+        body["device"] = dict(_DEVICE)
         body |= {"repeat_state": "off", "shuffle_state": False, "smart_shuffle": False}
     return body
 
@@ -438,30 +557,67 @@ def _search(api: str, query: dict[str, str]) -> Body:
     }
 
 
-def _body_for(scope: Scope) -> Body:  # noqa: C901, PLR0911 - one case per endpoint
+def _ids(query: dict[str, str]) -> list[str]:
+    return [i for i in query.get("ids", "").split(",") if i]
+
+
+def _body_for(scope: Scope) -> Body:  # noqa: C901, PLR0911, PLR0912 - one case per endpoint
     path: str = scope["path"].rstrip("/")
     api, query = _api(scope), _query(scope)
     match [p for p in path.split("/") if p]:
-        case ["api", "token"]:
-            return {
-                "access_token": "sim-access-token",
-                "token_type": "Bearer",
-                "expires_in": 3600,
-                "scope": _SCOPES,
-            }
         case ["v1", "tracks", track_id]:
             return _track(api, track_id)
         case ["v1", "tracks"]:
-            ids = [i for i in query.get("ids", "").split(",") if i]
-            return {"tracks": [_track(api, i) for i in ids]}
+            return {"tracks": [_track(api, i) for i in _ids(query)]}
+        case ["v1", "artists", artist_id]:
+            return _artist(api, artist_id, full=True)
+        case ["v1", "artists"]:
+            return {"artists": [_artist(api, i, full=True) for i in _ids(query)]}
+        case ["v1", "artists", artist_id, "albums"]:
+            make = _catalog(api, "album", artist_id)
+            page = _page(f"{api}/artists/{artist_id}/albums", query, 4, make)
+            page["items"] = [album | {"album_group": "album"} for album in page["items"]]
+            return page
+        case ["v1", "artists", artist_id, "top-tracks"]:
+            return {"tracks": [_catalog(api, "track", artist_id)(i) for i in range(10)]}
+        case ["v1", "albums", album_id]:
+            return _album(api, album_id, full=True)
+        case ["v1", "albums"]:
+            return {"albums": [_album(api, i, full=True) for i in _ids(query)]}
+        case ["v1", "albums", album_id, "tracks"]:
+            return _album_tracks(api, album_id, query)
         case ["v1", "search"]:
             return _search(api, query)
         case ["v1", "me"]:
             return _user(api, private=True)
+        case ["v1", "users", user_id]:
+            return _user(api, user_id=user_id)
         case ["v1", "me", "player", *rest] if rest in ([], ["currently-playing"]):
             return _playback(api, with_device=not rest)
+        case ["v1", "me", "player", "devices"]:
+            return {"devices": [dict(_DEVICE)]}
+        case ["v1", "me", "player", "recently-played"]:
+            played = [
+                {"track": _catalog(api, "track", "played")(i), "played_at": _PLAYED_AT[i]}
+                | {"context": None}
+                for i in range(len(_PLAYED_AT))
+            ]
+            cursors = {"after": "1714731330000", "before": "1714730130000"}
+            return _cursor_page(f"{api}/me/player/recently-played", query, played, cursors=cursors)
         case ["v1", "me", "top", "tracks" | "artists" as kinds]:
             return _page(f"{api}/me/top/{kinds}", query, 10, _catalog(api, kinds[:-1], "top"))
+        case ["v1", "me", "tracks" | "albums" as kinds]:
+            return _page(f"{api}/me/{kinds}", query, 3, _saved(api, kinds[:-1]))
+        case ["v1", "me", "following"]:
+            artists = [_catalog(api, "artist", "followed")(i) for i in range(3)]
+            page = _cursor_page(f"{api}/me/following", query, artists, total=len(artists))
+            return {"artists": page | {"cursors": {"after": None}}}
+        case ["v1", "browse", "new-releases"]:
+            return {
+                "albums": _page(
+                    f"{api}/browse/new-releases", query, 6, _catalog(api, "album", "new")
+                )
+            }
         case ["v1", "me", "playlists"] | ["v1", "users", _, "playlists"]:
             mine = _catalog(api, "playlist", path)
             return _page(f"{api}{path.removeprefix('/v1')}", query, 2, mine)
@@ -472,3 +628,17 @@ def _body_for(scope: Scope) -> Body:  # noqa: C901, PLR0911 - one case per endpo
                 return {"snapshot_id": f"AAAB{_sid(f'snapshot:{playlist_id}:{_now_ms()}')}"}
             return _playlist_items(api, playlist_id, query, key=key)
     return {"ok": True, "path": path}
+
+
+_PLAYED_AT = ("2024-05-03T10:15:30.000Z", "2024-05-03T10:12:10.000Z", "2024-05-03T10:08:51.000Z")
+
+
+def _saved(api: str, kind: str) -> Callable[[int], Body]:
+    """The ``i``-th saved track or album of the listener's library."""
+
+    def make(i: int) -> Body:
+        item_id = _sid(f"saved-{kind}:{i}")
+        item = _track(api, item_id) if kind == "track" else _album(api, item_id, full=True)
+        return {"added_at": "2024-05-03T10:15:30Z", kind: item}
+
+    return make
