@@ -9,6 +9,8 @@ no ``hosts`` pointed anywhere).
 from __future__ import annotations
 
 import importlib.util
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -236,6 +238,57 @@ def test_without_a_guard_faults_pass_straight_through(sim):
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
     assert httpx.get("https://api.spotify.com/v1/me").status_code == 200
+
+
+# -- the documented examples run as written ----------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "testing.md"
+
+
+def documented_tests() -> list[str]:
+    """The python blocks of docs/testing.md that define a pytest test."""
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
+    return [block for block in blocks if "def test_" in block]
+
+
+def now_playing_app(*, installed: bool) -> FastAPI:
+    """An app whose /now-playing asks Spotify with unmodified tekore."""
+    app = FastAPI()
+    if installed:
+        install(app, clock=FakeClock())
+
+    @app.get("/now-playing")
+    async def now_playing() -> dict[str, Any]:
+        tk = tekore.Spotify("user-token", asynchronous=True)
+        try:
+            playing = await tk.playback_currently_playing()
+        finally:
+            await tk.close()
+        return {"is_playing": playing.is_playing, "track": playing.item.name}
+
+    return app
+
+
+@pytest.mark.parametrize(("index", "installed"), [(0, True), (1, False)])
+def test_documented_examples_pass(index, installed):
+    """Each pytest example in docs/testing.md passes against a real app (no myapp import).
+
+    The first expects the app to have called ``install(app)``; the second calls it itself.
+    """
+    source = documented_tests()[index].replace("from myapp import app", "")
+    namespace: dict[str, Any] = {"app": now_playing_app(installed=installed)}
+    exec(compile(source, str(DOCS), "exec"), namespace)  # noqa: S102 - our own documentation
+    tests = [value for name, value in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 1
+    tests[0]()
+
+
+def test_readme_section_is_the_testing_page():
+    """README's "Testing your app against Spotify's failures" carries the same examples."""
+    readme = (DOCS.parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "## Testing your app against Spotify's failures" in readme
+    for block in documented_tests():
+        assert block in readme
 
 
 # -- the context: restored on exit, one at a time ---------------------------------------------
