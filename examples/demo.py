@@ -715,8 +715,8 @@ def check_spotifyaio_route(make_app: Callable[..., Any]) -> tuple[list[str], lis
 
     Spotify's real hosts are answered by a simulator through ``SpotifySimulator.intercept()``
     (one more loopback server); the route is asked once healthy and once while Spotify
-    answers "no healthy upstream". Without the aiohttp adapter nothing is sent (spotifyaio
-    would call the real Spotify) and the check is reported missing.
+    answers "no healthy upstream", with stale copies off. Without the aiohttp adapter nothing
+    is sent (spotifyaio would call the real Spotify) and the check is reported missing.
     """
     if not aiohttp_adapter_present():
         missing = (
@@ -724,8 +724,9 @@ def check_spotifyaio_route(make_app: Callable[..., Any]) -> tuple[list[str], lis
             "(upstream_guard._aiohttp.intercepting)"
         )
         return [missing], [(SPOTIFYAIO_CHECK, False)]
-    settings = GuardSettings(upstreams={UPSTREAM: GUARD_SETTINGS})
-    app = make_app(settings, guarded=True)
+    # Stale copies off: spotifyaio hides the guard's stale marker, and the 503 is the point.
+    no_stale = {**GUARD_SETTINGS, "fallback": {"stale_if_error": False}}
+    app = make_app(GuardSettings(upstreams={UPSTREAM: no_stale}), guarded=True)
     with (
         SpotifySimulator().intercept() as spotify,
         serve(app, log_level="critical") as url,

@@ -48,15 +48,12 @@ def intercepting(
         _active = True
     try:
         sockets = {host: listening_socket() for host in hosts}
-        ports = {sock.getsockname()[1]: host for host, sock in sockets.items()}
-        targets = {
-            host: f"http://127.0.0.1:{sock.getsockname()[1]}" for host, sock in sockets.items()
-        }
+        ports = {host: int(sock.getsockname()[1]) for host, sock in sockets.items()}
+        targets = {host: f"http://127.0.0.1:{port}" for host, port in ports.items()}
+        as_real_host = _AsRealHost(app, {port: host for host, port in ports.items()})
         with ExitStack() as stack:
-            stack.enter_context(
-                serving(_AsRealHost(app, ports), list(sockets.values()), release=release)
-            )
-            stack.enter_context(_redirected({h: s.getsockname()[1] for h, s in sockets.items()}))
+            stack.enter_context(serving(as_real_host, list(sockets.values()), release=release))
+            stack.enter_context(_redirected(ports))
             aiohttp_intercepting = _aiohttp_intercepting()
             if aiohttp_intercepting is not None:
                 stack.enter_context(aiohttp_intercepting(targets))

@@ -35,7 +35,14 @@ def serving(
     On exit ``release`` is called first (the simulator's: requests it holds answer, so the
     server can stop), then the server stops and the sockets are closed.
     """
-    import uvicorn  # noqa: PLC0415 - a test-time dependency only
+    try:
+        import uvicorn  # noqa: PLC0415 - a test-time dependency only
+    except ImportError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ImportError(
+            "the simulator is served by uvicorn: pip install 'upstream-guard[testing]'"
+        ) from exc
 
     options: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 2}
     options.update(config)
