@@ -47,7 +47,7 @@ def pool_methods() -> list[Any]:
 
 
 @pytest.fixture
-def sim():
+def spotify():
     """A simulator answering for Spotify's hosts while the test runs."""
     with SpotifySimulator().intercept() as simulator:
         yield simulator
@@ -61,29 +61,29 @@ def guard_settings(**groups: Any) -> GuardSettings:
 # -- healthy: each client gets the simulator's documents ----------------------------------------
 
 
-def test_plain_clients_reach_the_simulator_on_the_real_hosts(sim):
+def test_plain_clients_reach_the_simulator_on_the_real_hosts(spotify):
     """httpx, httpx2 and requests calling https://api.spotify.com are answered by the simulator."""
     for get in (httpx.get, httpx2.get, requests.get):
         response = get(TRACK_URL, headers={"authorization": "Bearer t"})
         assert response.status_code == 200
         assert response.json()["href"] == TRACK_URL  # written for the host the client called
-    assert sim.hits[f"/v1/tracks/{TRACK}"] == 3
-    assert set(sim.base_urls) == {"api.spotify.com", "accounts.spotify.com"}
-    assert all(url.startswith("http://127.0.0.1:") for url in sim.base_urls.values())
+    assert spotify.hits[f"/v1/tracks/{TRACK}"] == 3
+    assert set(spotify.base_urls) == {"api.spotify.com", "accounts.spotify.com"}
+    assert all(url.startswith("http://127.0.0.1:") for url in spotify.base_urls.values())
 
 
 @pytest.mark.anyio
-async def test_async_clients_reach_the_simulator(sim):
+async def test_async_clients_reach_the_simulator(spotify):
     """httpx.AsyncClient and httpx2.AsyncClient are answered too, on asyncio and trio."""
     for module in (httpx, httpx2):
         async with module.AsyncClient() as client:
             response = await client.get(TRACK_URL)
         assert response.status_code == 200
         assert response.json()["id"] == TRACK
-    assert sim.hits[f"/v1/tracks/{TRACK}"] == 2
+    assert spotify.hits[f"/v1/tracks/{TRACK}"] == 2
 
 
-def test_tekore_and_spotipy_unmodified_get_their_documents(sim):
+def test_tekore_and_spotipy_unmodified_get_their_documents(spotify):
     """tekore and spotipy, as users build them, parse the simulator's track, user and playlist."""
     tk = tekore.Spotify("user-token")
     track = tk.track(TRACK)
@@ -94,11 +94,11 @@ def test_tekore_and_spotipy_unmodified_get_their_documents(sim):
     sp = spotipy.Spotify(auth="user-token", retries=0)
     assert sp.track(TRACK)["href"] == TRACK_URL
     assert sp.current_playback()["device"]["name"] == "Simulated speaker"
-    assert sim.hits[f"/v1/tracks/{TRACK}"] == 2
+    assert spotify.hits[f"/v1/tracks/{TRACK}"] == 2
 
 
 @pytest.mark.anyio
-async def test_tekore_async_gets_its_documents(sim):
+async def test_tekore_async_gets_its_documents(spotify):
     """tekore's asynchronous client (httpx.AsyncClient inside) is answered, on both backends."""
     tk = tekore.Spotify("user-token", asynchronous=True)
     tracks, artists = await tk.search("abba", types=("track", "artist"), limit=3)
@@ -107,7 +107,7 @@ async def test_tekore_async_gets_its_documents(sim):
     await tk.close()
 
 
-def test_token_grants_through_tekore_and_spotipy(sim):
+def test_token_grants_through_tekore_and_spotipy(spotify):
     """Client-credentials and refresh-token grants work as each client sends them."""
     app_token = tekore.request_client_token("client-id", "client-secret")
     assert app_token.access_token.startswith("BQ")
@@ -118,10 +118,10 @@ def test_token_grants_through_tekore_and_spotipy(sim):
         "client-id", "client-secret", cache_handler=spotipy.MemoryCacheHandler()
     )
     assert credentials.get_access_token(as_dict=False).startswith("BQ")
-    assert sim.hits["/api/token"] == 3
+    assert spotify.hits["/api/token"] == 3
 
 
-def test_token_errors_are_spotifys(sim):
+def test_token_errors_are_spotifys(spotify):
     """Bad forms and bad clients get Spotify's OAuth errors; a revoked refresh token too."""
     basic = ("client-id", "client-secret")
     cases = [
@@ -143,7 +143,7 @@ def test_token_errors_are_spotifys(sim):
         assert body["error_description"]
         assert "status" not in body  # the OAuth shape, unlike the Web API's errors
     assert httpx.get(TOKEN_URL).status_code == 405
-    sim.revoke("AQ-revoked")
+    spotify.revoke("AQ-revoked")
     with pytest.raises(tekore.BadRequest, match="Refresh token revoked"):
         tekore.refresh_user_token("client-id", "client-secret", "AQ-revoked")
     pkce = httpx.post(
@@ -179,7 +179,7 @@ def build_app() -> FastAPI:
 
 @pytest.mark.parametrize("client_kind", ["tekore", "spotipy"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_outage_reaches_the_route_as_a_503_problem(sim, client_kind, backend):
+def test_outage_reaches_the_route_as_a_503_problem(spotify, client_kind, backend):
     """With no healthy upstream, each route answers 503 problem+json; open, Spotify is not called."""
     app = build_app()
     clock = FakeClock()
@@ -189,33 +189,33 @@ def test_outage_reaches_the_route_as_a_503_problem(sim, client_kind, backend):
         healthy = client.get(path)
         assert healthy.status_code == 200
         assert healthy.json() == {"name": f"Track {TRACK}"}
-        sim.set_fault(Fault.no_healthy_upstream())
+        spotify.set_fault(Fault.no_healthy_upstream())
         response = client.get(path)
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["upstream"] == "spotify_api"
         assert guard.state("spotify_api") == "open"
-        hits = sim.total_hits
+        hits = spotify.total_hits
         refused = client.get(path)
         assert refused.status_code == 503
         assert refused.json()["detail"].startswith("spotify_api is unavailable")
-        assert sim.total_hits == hits  # refused by the guard, never sent
-        sim.heal()
+        assert spotify.total_hits == hits  # refused by the guard, never sent
+        spotify.heal()
         clock.advance(30)
         assert client.get(path).status_code == 200
         assert guard.state("spotify_api") == "closed"
 
 
-def test_instrumented_guard_applies_to_every_client(sim):
+def test_instrumented_guard_applies_to_every_client(spotify):
     """With guard.instrument(), a failing host trips; refusals are each client's own error too."""
     guard = Guard(guard_settings(**ONE_TRY), clock=FakeClock())
     guard.instrument()
     try:
-        sim.set_fault(Fault.no_healthy_upstream(), prefix="/v1")
+        spotify.set_fault(Fault.no_healthy_upstream(), prefix="/v1")
         failed = httpx.get(TRACK_URL)
         assert (failed.status_code, failed.text) == (503, "no healthy upstream")  # intact
         assert guard.state("spotify_api") == "open"
-        hits = sim.total_hits
+        hits = spotify.total_hits
         with pytest.raises(httpx.TransportError) as from_httpx:
             httpx.get(TRACK_URL)
         with pytest.raises(httpx2.TransportError) as from_httpx2:
@@ -225,15 +225,15 @@ def test_instrumented_guard_applies_to_every_client(sim):
         for caught in (from_httpx, from_httpx2, from_requests):
             assert isinstance(caught.value, UpstreamUnavailable)
             assert caught.value.reason == "circuit_open"
-        assert sim.total_hits == hits
+        assert spotify.total_hits == hits
         assert httpx.post(TOKEN_URL, data={"grant_type": "x"}).status_code == 400  # other host
     finally:
         guard.close()
 
 
-def test_without_a_guard_faults_pass_straight_through(sim):
+def test_without_a_guard_faults_pass_straight_through(spotify):
     """No guard: the client sees exactly what the simulator answered."""
-    sim.set_fault(Fault.rate_limited(7), prefix="/v1/tracks")
+    spotify.set_fault(Fault.rate_limited(7), prefix="/v1/tracks")
     response = requests.get(TRACK_URL, timeout=5)
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
@@ -310,8 +310,8 @@ def test_leaving_restores_the_pools_even_on_error():
     assert dict(simulator.base_urls) == {}
 
 
-def test_a_second_interception_is_refused_clearly(sim):
-    """Nesting (or overlapping from another thread) raises, and the first keeps working."""
+def test_a_second_interception_is_refused_clearly(spotify):
+    """Entering a second interception raises, and the first keeps working."""
     with pytest.raises(RuntimeError, match="already active"), SpotifySimulator().intercept():
         pass
     assert httpx.get(TRACK_URL).status_code == 200
@@ -335,7 +335,7 @@ needs_aiohttp_hook = pytest.mark.skipif(
 
 
 @needs_aiohttp_hook
-def test_spotifyaio_unmodified_gets_its_documents_and_a_503_in_an_outage(sim):
+def test_spotifyaio_unmodified_gets_its_documents_and_a_503_in_an_outage(spotify):
     """spotifyaio (https://api.spotify.com:443, hard-coded) is answered; an outage is a 503 problem.
 
     aiohttp runs on asyncio only, so this test does not run on trio.
@@ -360,7 +360,7 @@ def test_spotifyaio_unmodified_gets_its_documents_and_a_503_in_an_outage(sim):
         healthy = client.get("/spotifyaio/me")
         assert healthy.status_code == 200
         assert healthy.json() == {"user": "Simulated User", "items": 3}
-        sim.set_fault(Fault.no_healthy_upstream())
+        spotify.set_fault(Fault.no_healthy_upstream())
         response = client.get("/spotifyaio/me")
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/problem+json"
