@@ -249,6 +249,27 @@ def test_instrumented_guard_applies_to_every_client(spotify):
         guard.close()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
+async def test_instrumented_guard_applies_to_async_clients(spotify, module):
+    """Async httpx and httpx2 on Spotify's real host: the failure is handed back, then refused."""
+    guard = Guard(guard_settings(**ONE_TRY), clock=FakeClock())
+    guard.instrument()
+    try:
+        spotify.set_fault(Fault.no_healthy_upstream())
+        async with module.AsyncClient() as client:
+            failed = await client.get(TRACK_URL)
+            assert (failed.status_code, failed.text) == (503, "no healthy upstream")
+            hits = spotify.total_hits
+            with pytest.raises(module.TransportError) as refused:
+                await client.get(TRACK_URL)
+        assert isinstance(refused.value, UpstreamUnavailable)
+        assert refused.value.reason == "circuit_open"
+        assert spotify.total_hits == hits
+    finally:
+        guard.close()
+
+
 def test_without_a_guard_faults_pass_straight_through(spotify):
     """No guard: the client sees exactly what the simulator answered."""
     spotify.set_fault(Fault.rate_limited(7), prefix="/v1/tracks")
