@@ -89,7 +89,7 @@ def redis_client_stats(redis_url: str) -> dict[str, str]:
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        return client.hgetall("upstream_guard:breaker:spotify_api")
+        return client.hgetall("{upstream_guard:spotify_api}:breaker")
     finally:
         client.close()
 
@@ -173,7 +173,7 @@ def test_redis_down_serves_locally_then_resumes(sim, sim_url, caplog):
         server.start()
         shared.sync_now()
         assert guard.snapshot()["shared_state"] == "ok"
-        stats = server.client().hgetall("upstream_guard:breaker:spotify_api")
+        stats = server.client().hgetall("{upstream_guard:spotify_api}:breaker")
         assert stats["failures_total"] == "3"  # kept while Redis was away, delivered after
     finally:
         server.kill()
