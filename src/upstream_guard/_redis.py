@@ -6,9 +6,9 @@ short interval: one Lua script per upstream adds this worker's news (failures, t
 429s) and answers with the shared view. A trip or a 429 is published at once.
 
 Every key of one upstream carries the hash tag ``{PREFIX:NAME}``, so each script call touches
-one hash slot and works on Redis Cluster (``redis+cluster://`` URLs). On a single Redis the
-per-upstream calls go in one pipeline (one round trip); on a cluster they go out concurrently,
-each to the node that owns the upstream's slot, and one node down degrades only its upstreams.
+one hash slot and works on Redis Cluster (``redis+cluster://`` URLs). On one Redis the
+per-upstream calls go in one pipeline (one round trip); on a cluster, one after another to
+the node that owns each upstream's slot, every node at the same time.
 
 Redis down, slow or restarted: calls go on from local state, health says ``degraded``, one
 warning is logged per outage, and undelivered news is kept and sent when Redis is back.
@@ -117,7 +117,9 @@ def connect(url: str, timeout_s: float) -> Any:
     """A ``redis.asyncio`` client for ``url``: a ``RedisCluster`` for a cluster URL.
 
     Nothing connects yet. No retries inside redis-py: the sync loop is the retry, and a
-    sync must not outlast its interval by much while Redis is away.
+    sync must not outlast its interval by much while Redis is away. A cluster client first
+    asks for the slot map and the command table (``CLUSTER SLOTS``, ``COMMAND``), and again
+    after any node failed, so its timeouts are at least half a second.
     """
     import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
     from redis.asyncio.retry import Retry  # noqa: PLC0415
@@ -128,6 +130,8 @@ def connect(url: str, timeout_s: float) -> Any:
     if scheme.lower() in CLUSTER_SCHEMES:
         from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
 
+        timeout_s = max(0.5, timeout_s)
+        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         return RedisCluster.from_url(
             f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", retry=Retry(NoBackoff(), 0), **timeouts
         )
@@ -213,7 +217,7 @@ class SharedState:
         self.status = "starting"
         """``starting``, ``ok`` or ``degraded`` (Redis unreachable: local state only)."""
         self.round_trips = 0
-        """Syncs that reached Redis (one pipeline, or one call per upstream on a cluster)."""
+        """Syncs that reached Redis (one round trip; on a cluster, one per upstream)."""
         self.failed_round_trips = 0
 
     # -- life cycle --------------------------------------------------------------------------
@@ -326,25 +330,58 @@ class SharedState:
         """Each batch's answer, or the exception that stopped it (one per batch)."""
         from redis.exceptions import NoScriptError  # noqa: PLC0415 - optional dependency
 
-        async def call(batch: _Batch) -> Any:
-            try:
-                return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
-            except NoScriptError:  # a new or restarted server: load the script once, again
-                await client.script_load(SYNC_SCRIPT)
-                return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
-
         if is_cluster_url(self._url):
-            # Each call goes to the node that owns the upstream's slot; a node down fails
-            # only its own upstreams.
-            return await asyncio.gather(*(call(b) for b in batches), return_exceptions=True)
+            return await self._send_to_cluster(client, batches)
         # One Redis: every upstream's call in one pipeline, one round trip.
         try:
             results = await self._pipeline(client, batches)
             if any(isinstance(r, NoScriptError) for r in results):
+                # A new or restarted server: load the script, send again.
                 await client.script_load(SYNC_SCRIPT)
                 results = await self._pipeline(client, batches)
-        except Exception as exc:  # noqa: BLE001 - any Redis trouble means: local state only
+        except Exception as exc:  # noqa: BLE001 - any Redis trouble: local state only
             return [exc] * len(batches)
+        return results
+
+    async def _send_to_cluster(self, client: Any, batches: list[_Batch]) -> list[Any]:
+        """Each node's calls one after another (one connection per node), all nodes at once.
+
+        redis-py refuses EVALSHA in a cluster pipeline. A node that cannot be reached fails
+        the rest of its calls at once: one timeout per node and sync, not one per upstream.
+        """
+        from redis.exceptions import ConnectionError as Unreachable  # noqa: PLC0415
+        from redis.exceptions import NoScriptError  # noqa: PLC0415
+        from redis.exceptions import TimeoutError as TimedOut  # noqa: PLC0415
+
+        async def call(batch: _Batch) -> Any:
+            try:
+                return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+            except NoScriptError:  # a new or restarted node: load the script, send again
+                await client.script_load(SYNC_SCRIPT)
+                return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+
+        results: list[Any] = [None] * len(batches)
+
+        async def in_turn(indexes: list[int]) -> None:
+            for n, i in enumerate(indexes):
+                try:
+                    results[i] = await call(batches[i])
+                except (Unreachable, TimedOut) as exc:
+                    for j in indexes[n:]:
+                        results[j] = exc
+                    return
+                except Exception as exc:  # noqa: BLE001 - this upstream: local state only
+                    results[i] = exc
+
+        try:
+            await client.initialize()  # learn the slots first: once, not in every call
+            by_node: dict[str, list[int]] = {}
+            for i, batch in enumerate(batches):
+                node = client.get_node_from_key(batch.keys[-1])  # the cooldown key: always there
+                by_node.setdefault(node.name, []).append(i)
+        except Exception as exc:  # noqa: BLE001 - cluster unreachable: local state only
+            return [exc] * len(batches)
+        await asyncio.gather(*(in_turn(indexes) for indexes in by_node.values()))
         return results
 
     async def _pipeline(self, client: Any, batches: list[_Batch]) -> list[Any]:
