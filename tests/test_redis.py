@@ -307,3 +307,40 @@ def test_each_upstreams_keys_share_one_slot_on_the_cluster(sim, sim_url, redis_c
         name = key[len("{upstream_guard:") : key.index("}")]
         assert key_slot(key.encode()) == key_slot(tags[name].encode()), key
     assert key_slot(tags["spotify_api"].encode()) != key_slot(tags["spotify_accounts"].encode())
+
+
+def test_a_cluster_node_down_stops_sharing_only_for_its_upstreams(sim, sim_url, redis_cluster):
+    """One node killed: its upstreams go local, a trip of an upstream elsewhere is still shared."""
+    from redis.cluster import key_slot
+
+    def node_of(prefix: str, name: str) -> int:
+        return key_slot(f"{{{prefix}:{name}}}".encode()) * 3 // RedisClusterServer.SLOTS
+
+    # A prefix that puts spotify_accounts on another node than spotify_api and the seed node.
+    prefix = next(
+        p
+        for p in (f"t{i}" for i in range(1000))
+        if node_of(p, "spotify_accounts") not in (0, node_of(p, "spotify_api"))
+    )
+    client = redis_cluster.client()
+    client.flushall()
+    client.close()
+    settings = shared_settings(
+        sim_url, redis_cluster.url, breaker={"fail_max": 1}, retry={"attempts": 1}
+    ).model_copy(update={"redis_prefix": prefix})
+    a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
+    a.shared.sync_now()  # type: ignore[union-attr]
+    assert a.snapshot()["shared_state"] == "ok"
+    victim = redis_cluster.nodes[node_of(prefix, "spotify_accounts")]
+    try:
+        victim.kill()
+        sim.set_fault(Fault.no_healthy_upstream())
+        get(a, f"{sim_url}/v1/me")
+        a.shared.sync_now()  # type: ignore[union-attr]
+        b.shared.sync_now()  # type: ignore[union-attr]
+        assert b.state("spotify_api") == "open"  # shared through the node still up
+        assert b.snapshot()["shared_state"] == "degraded"  # spotify_accounts: local only
+    finally:
+        redis_cluster.start()
+    b.shared.sync_now()  # type: ignore[union-attr]
+    assert b.snapshot()["shared_state"] == "ok"
