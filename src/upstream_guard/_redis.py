@@ -2,13 +2,14 @@
 
 The hot path never waits on Redis. Each guard keeps its state in memory; a background thread
 (its own asyncio loop, so the app may run on trio or be synchronous) syncs it with Redis at a
-short interval: one Lua script per upstream adds this worker's news (failures, trips, closes,
-429s) and answers with the shared view. A trip or a 429 is published at once.
+short interval: a Lua script adds this worker's news (failures, trips, closes, 429s) and
+answers with the shared view. A trip or a 429 is published at once.
 
-Every key of one upstream carries the hash tag ``{PREFIX:NAME}``, so each script call touches
-one hash slot and works on Redis Cluster (``redis+cluster://`` URLs). On one Redis the
-per-upstream calls go in one pipeline (one round trip); on a cluster, one after another to
-the node that owns each upstream's slot, every node at the same time.
+Every key of one upstream carries the hash tag ``{PREFIX:NAME}``, so all of them sit in one
+hash slot. One Redis takes every upstream in one script call (one round trip; slots do not
+matter there). Redis Cluster (``redis+cluster://`` URLs) only runs a script whose keys share
+a slot: there the script runs once per upstream, on the node that owns that upstream's slot,
+each node's calls one after another and all nodes at once.
 
 Redis down, slow or restarted: calls go on from local state, health says ``degraded``, one
 warning is logged per outage, and undelivered news is kept and sent when Redis is back.
@@ -25,7 +26,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from ._breaker import BreakerReport
+from ._breaker import Breaker, BreakerReport
 
 if TYPE_CHECKING:
     from ._guard import Guard
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("upstream_guard")
 
-# One call per upstream: every key is in that upstream's hash slot ({PREFIX:NAME}).
-# KEYS: per breaker (hash, probe leases); then the cooldown.
-# ARGV: worker, lease ttl ms, breakers, cooldowns (1); 10 per breaker; 1 per cooldown.
+# KEYS: per breaker (hash, probe leases); then per upstream (cooldown). On a cluster, one call
+# per upstream, so that every key is in that upstream's hash slot ({PREFIX:NAME}).
+# ARGV: worker, lease ttl ms, breakers, cooldowns; 10 per breaker; 1 per cooldown.
 SYNC_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -144,39 +145,49 @@ def upstream_tag(prefix: str, name: str) -> str:
 
 
 class _Batch:
-    """One upstream's part of a sync: its keys and news, sent in one script call."""
+    """Some upstreams' part of a sync: their keys and news, sent in one script call.
 
-    __slots__ = ("args", "breakers", "keys", "reports", "rt")
+    One Redis takes every upstream in one batch. A cluster takes one batch per upstream, as
+    a script may only touch the keys of one slot.
+    """
 
-    def __init__(self, rt: UpstreamRuntime, prefix: str, worker: str, lease_ms: int) -> None:
-        self.rt = rt
-        self.breakers = list(rt.breakers.values())
+    __slots__ = ("args", "breakers", "keys", "reports", "upstreams")
+
+    def __init__(
+        self, upstreams: list[UpstreamRuntime], prefix: str, worker: str, lease_ms: int
+    ) -> None:
+        self.upstreams = upstreams
+        self.breakers: list[Breaker] = []
         self.reports: list[BreakerReport] = []
-        tag = upstream_tag(prefix, rt.name)
         self.keys: list[str] = []
-        self.args: list[Any] = [worker, lease_ms, len(self.breakers), 1]
-        for breaker in self.breakers:
-            report = breaker.take_report()
-            s = breaker.settings
-            self.reports.append(report)
-            # The upstream's one breaker, or ":<endpoint>" for each breaker of scope endpoint.
-            endpoint = breaker.name.removeprefix(rt.name).removeprefix(" ")
-            suffix = f":{endpoint}" if endpoint else ""
-            self.keys += [f"{tag}:breaker{suffix}", f"{tag}:probes{suffix}"]
-            self.args += [
-                report.failures,
-                int(report.success),
-                report.event or "",
-                report.event_epoch,
-                report.state,
-                int(report.open_age_s * 1000),
-                s.fail_max,
-                int(s.reset_timeout_s * 1000),
-                report.want_probes,
-                s.half_open_max_calls,
-            ]
-        self.keys.append(f"{tag}:cooldown")
-        self.args.append(int(rt.cooldown.remaining(rt.clock.monotonic()) * 1000))
+        self.args: list[Any] = [worker, lease_ms, 0, len(upstreams)]
+        for rt in upstreams:
+            tag = upstream_tag(prefix, rt.name)
+            for breaker in list(rt.breakers.values()):
+                report = breaker.take_report()
+                s = breaker.settings
+                self.breakers.append(breaker)
+                self.reports.append(report)
+                # The upstream's one breaker, or ":<endpoint>" for each of scope endpoint.
+                endpoint = breaker.name.removeprefix(rt.name).removeprefix(" ")
+                suffix = f":{endpoint}" if endpoint else ""
+                self.keys += [f"{tag}:breaker{suffix}", f"{tag}:probes{suffix}"]
+                self.args += [
+                    report.failures,
+                    int(report.success),
+                    report.event or "",
+                    report.event_epoch,
+                    report.state,
+                    int(report.open_age_s * 1000),
+                    s.fail_max,
+                    int(s.reset_timeout_s * 1000),
+                    report.want_probes,
+                    s.half_open_max_calls,
+                ]
+        self.args[2] = len(self.breakers)
+        for rt in upstreams:
+            self.keys.append(f"{upstream_tag(prefix, rt.name)}:cooldown")
+            self.args.append(int(rt.cooldown.remaining(rt.clock.monotonic()) * 1000))
 
     def give_back(self) -> None:
         """Redis did not take the news: keep it for the next sync, and go by local rules."""
@@ -192,9 +203,11 @@ class _Batch:
             state, epoch, age_ms, granted = values[i : i + 4]
             i += 4
             breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
-        remaining_ms = int(values[i])
-        if remaining_ms > 0:
-            self.rt.cooldown.adopt(self.rt.clock.monotonic(), remaining_ms / 1000)
+        for rt in self.upstreams:
+            remaining_ms = int(values[i])
+            i += 1
+            if remaining_ms > 0:
+                rt.cooldown.adopt(rt.clock.monotonic(), remaining_ms / 1000)
 
 
 class SharedState:
@@ -210,6 +223,7 @@ class SharedState:
         self._lease_ms = int(max(1.0, interval_s * 5) * 1000)
         self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._sha = hashlib.sha1(SYNC_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's name
+        self._cluster = is_cluster_url(url)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -217,7 +231,7 @@ class SharedState:
         self.status = "starting"
         """``starting``, ``ok`` or ``degraded`` (Redis unreachable: local state only)."""
         self.round_trips = 0
-        """Syncs that reached Redis (one round trip; on a cluster, one per upstream)."""
+        """Syncs that reached Redis (one round trip; on a cluster, one call per upstream)."""
         self.failed_round_trips = 0
 
     # -- life cycle --------------------------------------------------------------------------
@@ -299,10 +313,9 @@ class SharedState:
 
     async def sync_once(self, client: Any) -> None:
         """Send every upstream's news (one script call each), adopt the shared view."""
-        batches = [
-            _Batch(rt, self._prefix, self._worker, self._lease_ms)
-            for rt in list(self._guard.upstreams.values())
-        ]
+        upstreams = list(self._guard.upstreams.values())
+        groups = [[rt] for rt in upstreams] if self._cluster else [upstreams]
+        batches = [_Batch(g, self._prefix, self._worker, self._lease_ms) for g in groups]
         results = await self._send(client, batches)
         failure: BaseException | None = None
         for batch, result in zip(batches, results, strict=True):
@@ -326,46 +339,41 @@ class SharedState:
             log.warning("upstream_guard: Redis is back; sharing state again")
         self.status = "ok"
 
-    async def _send(self, client: Any, batches: list[_Batch]) -> list[Any]:
-        """Each batch's answer, or the exception that stopped it (one per batch)."""
+    async def _call(self, client: Any, batch: _Batch) -> Any:
         from redis.exceptions import NoScriptError  # noqa: PLC0415 - optional dependency
 
-        if is_cluster_url(self._url):
-            return await self._send_to_cluster(client, batches)
-        # One Redis: every upstream's call in one pipeline, one round trip.
         try:
-            results = await self._pipeline(client, batches)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # A new or restarted server: load the script, send again.
-                await client.script_load(SYNC_SCRIPT)
-                results = await self._pipeline(client, batches)
+            return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+        except NoScriptError:  # a new or restarted server: load the script, send again
+            await client.script_load(SYNC_SCRIPT)  # on a cluster: on every primary
+            return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+
+    async def _send(self, client: Any, batches: list[_Batch]) -> list[Any]:
+        """Each batch's answer, or the exception that stopped it (one per batch)."""
+        if self._cluster:
+            return await self._send_to_cluster(client, batches)
+        # One Redis, one batch: one round trip.
+        try:
+            return [await self._call(client, batch) for batch in batches]
         except Exception as exc:  # noqa: BLE001 - any Redis trouble: local state only
             return [exc] * len(batches)
-        return results
 
     async def _send_to_cluster(self, client: Any, batches: list[_Batch]) -> list[Any]:
         """Each node's calls one after another (one connection per node), all nodes at once.
 
-        redis-py refuses EVALSHA in a cluster pipeline. A node that cannot be reached fails
-        the rest of its calls at once: one timeout per node and sync, not one per upstream.
+        Calls do not share a pipeline because redis-py refuses EVALSHA in a cluster pipeline.
+        A node that cannot be reached fails the rest of its calls at once: one timeout per
+        node and sync, not one per upstream.
         """
         from redis.exceptions import ConnectionError as Unreachable  # noqa: PLC0415
-        from redis.exceptions import NoScriptError  # noqa: PLC0415
         from redis.exceptions import TimeoutError as TimedOut  # noqa: PLC0415
-
-        async def call(batch: _Batch) -> Any:
-            try:
-                return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
-            except NoScriptError:  # a new or restarted node: load the script, send again
-                await client.script_load(SYNC_SCRIPT)
-                return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
 
         results: list[Any] = [None] * len(batches)
 
         async def in_turn(indexes: list[int]) -> None:
             for n, i in enumerate(indexes):
                 try:
-                    results[i] = await call(batches[i])
+                    results[i] = await self._call(client, batches[i])
                 except (Unreachable, TimedOut) as exc:
                     for j in indexes[n:]:
                         results[j] = exc
@@ -383,12 +391,6 @@ class SharedState:
             return [exc] * len(batches)
         await asyncio.gather(*(in_turn(indexes) for indexes in by_node.values()))
         return results
-
-    async def _pipeline(self, client: Any, batches: list[_Batch]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for b in batches:
-            pipe.evalsha(self._sha, len(b.keys), *b.keys, *b.args)
-        return list(await pipe.execute(raise_on_error=False))
 
 
 def _safe_url(url: str) -> str:
