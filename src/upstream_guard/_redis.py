@@ -127,16 +127,19 @@ def connect(url: str, timeout_s: float) -> Any:
     from redis.backoff import NoBackoff  # noqa: PLC0415
 
     scheme, _, rest = url.partition("://")
-    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if scheme.lower() in CLUSTER_SCHEMES:
         from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
 
-        timeout_s = max(0.5, timeout_s)
-        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        t = max(0.5, timeout_s)
         return RedisCluster.from_url(
-            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", retry=Retry(NoBackoff(), 0), **timeouts
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=t,
+            socket_connect_timeout=t,
         )
-    return redis.asyncio.from_url(url, retry_on_timeout=False, **timeouts)
+    return redis.asyncio.from_url(
+        url, retry_on_timeout=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
 
 
 def upstream_tag(prefix: str, name: str) -> str:
