@@ -25,7 +25,7 @@ Redis = RedisServer | RedisClusterServer
 
 
 @pytest.fixture(params=["single", "cluster"])
-def redis(request: pytest.FixtureRequest) -> Redis:
+def shared_redis(request: pytest.FixtureRequest) -> Redis:
     """The shared single server or the shared cluster, emptied (the cluster starts on demand)."""
     server: Redis = request.getfixturevalue(
         "redis_server" if request.param == "single" else "redis_cluster"
@@ -37,9 +37,9 @@ def redis(request: pytest.FixtureRequest) -> Redis:
 
 
 @pytest.fixture
-def redis_url(redis: Redis) -> str:
+def redis_url(shared_redis: Redis) -> str:
     """The guard's redis_url for that Redis: redis:// or redis+cluster://."""
-    return redis.url
+    return shared_redis.url
 
 
 def shared_settings(url: str, redis_url: str, **groups) -> GuardSettings:
@@ -81,7 +81,7 @@ def test_a_trip_in_one_guard_refuses_in_another(sim, sim_url, redis_url):
     assert sim.total_hits == hits
 
 
-def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, redis, redis_url):
+def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, shared_redis, redis_url):
     """Failures spread over workers trip the shared breaker, though none tripped alone."""
     settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 4}, retry={"attempts": 1})
     guards = [Guard(settings, clock=FakeClock()) for _ in range(4)]
@@ -95,7 +95,7 @@ def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, redis, redi
     for guard in guards:  # and the next sync tells everyone
         guard.shared.sync_now()  # type: ignore[union-attr]
     assert all(g.state("spotify_api") == "open" for g in guards)
-    stats = breaker_stats(redis)
+    stats = breaker_stats(shared_redis)
     assert stats["failures_total"] == "4"
     assert stats["trips"] == "1"
 
@@ -258,7 +258,7 @@ def _stress_worker(
     out.put(guard.upstreams["spotify_api"].breakers["spotify_api"].failures_total)
 
 
-def test_stress_four_processes_lose_nothing_and_trip_once(redis, redis_url):
+def test_stress_four_processes_lose_nothing_and_trip_once(shared_redis, redis_url):
     """4 processes x 200 concurrent failing calls: the shared count is exact; one trip."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -272,7 +272,7 @@ def test_stress_four_processes_lose_nothing_and_trip_once(redis, redis_url):
     for w in workers:
         w.join(timeout=30)
         assert w.exitcode == 0
-    stats = breaker_stats(redis)
+    stats = breaker_stats(shared_redis)
     assert int(stats["failures_total"]) == sum(recorded)
     assert sum(recorded) >= 100  # at least one worker failed all the way to fail_max
     assert stats["trips"] == "1"
