@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from upstream_guard import GuardSettings
-from upstream_guard.testing import FakeClock, RedisServer, SpotifySimulator, serve
+from upstream_guard.testing import (
+    FakeClock,
+    RedisClusterServer,
+    RedisServer,
+    SpotifySimulator,
+    serve,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +73,12 @@ def make_settings(url: str, **groups: Any) -> GuardSettings:
     """Settings whose spotify_api upstream is the server at ``url``, with group overrides."""
     hostport = url.split("://", 1)[1].rstrip("/")
     return GuardSettings(upstreams={"spotify_api": {"hosts": [hostport], **groups}})
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A real 3-node Redis Cluster on loopback for the whole run (about 2 s to start)."""
+    cluster = RedisClusterServer()
+    cluster.start()
+    yield cluster
+    cluster.close()

@@ -2,8 +2,15 @@
 
 The hot path never waits on Redis. Each guard keeps its state in memory; a background thread
 (its own asyncio loop, so the app may run on trio or be synchronous) syncs it with Redis at a
-short interval in one round trip: one Lua script that adds this worker's news (failures,
-trips, closes, 429s) and answers with the shared view. A trip or a 429 is published at once.
+short interval: a Lua script adds this worker's news (failures, trips, closes, 429s) and
+answers with the shared view. A trip or a 429 is published at once.
+
+Every key of one upstream carries the hash tag ``{PREFIX:NAME}``, so all of them sit in one
+hash slot. One Redis takes every upstream in one script call (one round trip; slots do not
+matter there). Redis Cluster (``redis+cluster://`` URLs) only runs a script whose keys share
+a slot: there the script runs once per upstream, on the node that owns that upstream's slot,
+each node's calls one after another and all nodes at once.
+
 Redis down, slow or restarted: calls go on from local state, health says ``degraded``, one
 warning is logged per outage, and undelivered news is kept and sent when Redis is back.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -22,10 +30,12 @@ from ._breaker import Breaker, BreakerReport
 
 if TYPE_CHECKING:
     from ._guard import Guard
+    from ._pipeline import UpstreamRuntime
 
 log = logging.getLogger("upstream_guard")
 
-# KEYS: per breaker (hash, probe leases); then per upstream (cooldown).
+# KEYS: per breaker (hash, probe leases); then per upstream (cooldown). On a cluster, one call
+# per upstream, so that every key is in that upstream's hash slot ({PREFIX:NAME}).
 # ARGV: worker, lease ttl ms, breakers, cooldowns; 10 per breaker; 1 per cooldown.
 SYNC_SCRIPT = """
 local t = redis.call('TIME')
@@ -95,6 +105,114 @@ return out
 """
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name a Redis Cluster, and the scheme redis-py's parser takes for each."""
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def connect(url: str, timeout_s: float) -> Any:
+    """A ``redis.asyncio`` client for ``url``: a ``RedisCluster`` for a cluster URL.
+
+    Nothing connects yet. No retries inside redis-py: the sync loop is the retry, and a
+    sync must not outlast its interval by much while Redis is away. A cluster client first
+    asks for the slot map and the command table (``CLUSTER SLOTS``, ``COMMAND``), and again
+    after any node failed, so its timeouts are at least half a second.
+    """
+    import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
+    from redis.asyncio.retry import Retry  # noqa: PLC0415
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in CLUSTER_SCHEMES:
+        from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+
+        t = max(0.5, timeout_s)
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=t,
+            socket_connect_timeout=t,
+        )
+    return redis.asyncio.from_url(
+        url, retry_on_timeout=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+
+
+def upstream_tag(prefix: str, name: str) -> str:
+    """The hash tag that puts every key of one upstream in one slot: ``{PREFIX:NAME}``."""
+    return f"{{{prefix}:{name}}}"
+
+
+class _Batch:
+    """Some upstreams' part of a sync: their keys and news, sent in one script call.
+
+    One Redis takes every upstream in one batch. A cluster takes one batch per upstream, as
+    a script may only touch the keys of one slot.
+    """
+
+    __slots__ = ("args", "breakers", "keys", "reports", "upstreams")
+
+    def __init__(
+        self, upstreams: list[UpstreamRuntime], prefix: str, worker: str, lease_ms: int
+    ) -> None:
+        self.upstreams = upstreams
+        self.breakers: list[Breaker] = []
+        self.reports: list[BreakerReport] = []
+        self.keys: list[str] = []
+        self.args: list[Any] = [worker, lease_ms, 0, len(upstreams)]
+        for rt in upstreams:
+            tag = upstream_tag(prefix, rt.name)
+            for breaker in list(rt.breakers.values()):
+                report = breaker.take_report()
+                s = breaker.settings
+                self.breakers.append(breaker)
+                self.reports.append(report)
+                # The upstream's one breaker, or ":<endpoint>" for each of scope endpoint.
+                endpoint = breaker.name.removeprefix(rt.name).removeprefix(" ")
+                suffix = f":{endpoint}" if endpoint else ""
+                self.keys += [f"{tag}:breaker{suffix}", f"{tag}:probes{suffix}"]
+                self.args += [
+                    report.failures,
+                    int(report.success),
+                    report.event or "",
+                    report.event_epoch,
+                    report.state,
+                    int(report.open_age_s * 1000),
+                    s.fail_max,
+                    int(s.reset_timeout_s * 1000),
+                    report.want_probes,
+                    s.half_open_max_calls,
+                ]
+        self.args[2] = len(self.breakers)
+        for rt in upstreams:
+            self.keys.append(f"{upstream_tag(prefix, rt.name)}:cooldown")
+            self.args.append(int(rt.cooldown.remaining(rt.clock.monotonic()) * 1000))
+
+    def give_back(self) -> None:
+        """Redis did not take the news: keep it for the next sync, and go by local rules."""
+        for breaker, report in zip(self.breakers, self.reports, strict=True):
+            breaker.give_back(report)
+            breaker.probe_allowance = breaker.settings.half_open_max_calls
+
+    def adopt(self, result: list[Any]) -> None:
+        """Take the shared view the script answered with."""
+        values = [v.decode() if isinstance(v, bytes) else v for v in result]
+        i = 1
+        for breaker in self.breakers:
+            state, epoch, age_ms, granted = values[i : i + 4]
+            i += 4
+            breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
+        for rt in self.upstreams:
+            remaining_ms = int(values[i])
+            i += 1
+            if remaining_ms > 0:
+                rt.cooldown.adopt(rt.clock.monotonic(), remaining_ms / 1000)
+
+
 class SharedState:
     """Keeps one guard's breakers and cooldowns in step with Redis, from a daemon thread."""
 
@@ -107,6 +225,8 @@ class SharedState:
         self._timeout_s = max(0.05, min(1.0, interval_s * 2))
         self._lease_ms = int(max(1.0, interval_s * 5) * 1000)
         self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._sha = hashlib.sha1(SYNC_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's name
+        self._cluster = is_cluster_url(url)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -114,6 +234,7 @@ class SharedState:
         self.status = "starting"
         """``starting``, ``ok`` or ``degraded`` (Redis unreachable: local state only)."""
         self.round_trips = 0
+        """Syncs that reached Redis (one round trip; on a cluster, one call per upstream)."""
         self.failed_round_trips = 0
 
     # -- life cycle --------------------------------------------------------------------------
@@ -153,19 +274,15 @@ class SharedState:
             self.wake()
 
     def sync_now(self) -> None:
-        """One round trip from the calling thread, on a loop of its own (tests, scripts).
+        """One sync from the calling thread, on a loop of its own (tests, scripts).
 
-        Not for use while the background thread runs: it is the same round trip, done now.
+        Not for use while the background thread runs: it is the same sync, done now.
         """
 
         async def once() -> None:
-            import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
-
-            client = redis.asyncio.from_url(
-                self._url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s
-            )
+            client = connect(self._url, self._timeout_s)
             try:
-                await self.sync_once(client.register_script(SYNC_SCRIPT))
+                await self.sync_once(client)
             finally:
                 await client.aclose()
 
@@ -177,25 +294,17 @@ class SharedState:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
-
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         try:
-            client = redis.asyncio.from_url(
-                self._url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                retry_on_timeout=False,
-            )
+            client = connect(self._url, self._timeout_s)
         except ValueError as exc:  # settings validate the URL; this is the last safety net
             self.status = "degraded"
             log.warning("upstream_guard: unusable redis_url (%s); local state only", exc)
             return
-        script = client.register_script(SYNC_SCRIPT)
         try:
             while True:
-                await self.sync_once(script)
+                await self.sync_once(client)
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -205,50 +314,26 @@ class SharedState:
             self._loop = None
             await client.aclose()
 
-    async def sync_once(self, script: Any) -> None:
-        """One round trip: send every breaker's and cooldown's news, adopt the shared view."""
-        breakers: list[Breaker] = []
-        keys: list[str] = []
-        args: list[Any] = [self._worker, self._lease_ms, 0, 0]
-        reports: list[BreakerReport] = []
-        for rt in list(self._guard.upstreams.values()):
-            for breaker in list(rt.breakers.values()):
-                report = breaker.take_report()
-                s = breaker.settings
-                breakers.append(breaker)
-                reports.append(report)
-                key = f"{self._prefix}:breaker:{breaker.name}"
-                keys += [key, f"{key}:probes"]
-                args += [
-                    report.failures,
-                    int(report.success),
-                    report.event or "",
-                    report.event_epoch,
-                    report.state,
-                    int(report.open_age_s * 1000),
-                    s.fail_max,
-                    int(s.reset_timeout_s * 1000),
-                    report.want_probes,
-                    s.half_open_max_calls,
-                ]
+    async def sync_once(self, client: Any) -> None:
+        """Send every upstream's news (one script call each), adopt the shared view."""
         upstreams = list(self._guard.upstreams.values())
-        now = self._guard.clock.monotonic()
-        for rt in upstreams:
-            keys.append(f"{self._prefix}:cooldown:{rt.name}")
-            args.append(int(rt.cooldown.remaining(now) * 1000))
-        args[2], args[3] = len(breakers), len(upstreams)
-        try:
-            result = await script(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001 - any Redis trouble means: local state only
-            for breaker, report in zip(breakers, reports, strict=True):
-                breaker.give_back(report)
-                breaker.probe_allowance = breaker.settings.half_open_max_calls  # local rules
+        groups = [[rt] for rt in upstreams] if self._cluster else [upstreams]
+        batches = [_Batch(g, self._prefix, self._worker, self._lease_ms) for g in groups]
+        results = await self._send(client, batches)
+        failure: BaseException | None = None
+        for batch, result in zip(batches, results, strict=True):
+            if isinstance(result, BaseException):
+                batch.give_back()
+                failure = result
+            else:
+                batch.adopt(result)
+        if failure is not None:
             self.failed_round_trips += 1
             if self.status != "degraded":
                 log.warning(
                     "upstream_guard: Redis at %s unreachable (%s); serving from local state",
                     _safe_url(self._url),
-                    type(exc).__name__,
+                    type(failure).__name__,
                 )
             self.status = "degraded"
             return
@@ -256,21 +341,59 @@ class SharedState:
         if self.status == "degraded":
             log.warning("upstream_guard: Redis is back; sharing state again")
         self.status = "ok"
-        self._adopt(result, breakers, upstreams)
 
-    def _adopt(self, result: list[Any], breakers: list[Breaker], upstreams: list[Any]) -> None:
-        values = [v.decode() if isinstance(v, bytes) else v for v in result]
-        i = 1
-        for breaker in breakers:
-            state, epoch, age_ms, granted = values[i : i + 4]
-            i += 4
-            breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
-        now = self._guard.clock.monotonic()
-        for rt in upstreams:
-            remaining_ms = int(values[i])
-            i += 1
-            if remaining_ms > 0:
-                rt.cooldown.adopt(now, remaining_ms / 1000)
+    async def _call(self, client: Any, batch: _Batch) -> Any:
+        from redis.exceptions import NoScriptError  # noqa: PLC0415 - optional dependency
+
+        try:
+            return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+        except NoScriptError:  # a new or restarted server: load the script, send again
+            await client.script_load(SYNC_SCRIPT)  # on a cluster: on every primary
+            return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+
+    async def _send(self, client: Any, batches: list[_Batch]) -> list[Any]:
+        """Each batch's answer, or the exception that stopped it (one per batch)."""
+        if self._cluster:
+            return await self._send_to_cluster(client, batches)
+        # One Redis, one batch: one round trip.
+        try:
+            return [await self._call(client, batch) for batch in batches]
+        except Exception as exc:  # noqa: BLE001 - any Redis trouble: local state only
+            return [exc] * len(batches)
+
+    async def _send_to_cluster(self, client: Any, batches: list[_Batch]) -> list[Any]:
+        """Each node's calls one after another (one connection per node), all nodes at once.
+
+        Calls do not share a pipeline because redis-py refuses EVALSHA in a cluster pipeline.
+        A node that cannot be reached fails the rest of its calls at once: one timeout per
+        node and sync, not one per upstream.
+        """
+        from redis.exceptions import ConnectionError as Unreachable  # noqa: PLC0415
+        from redis.exceptions import TimeoutError as TimedOut  # noqa: PLC0415
+
+        results: list[Any] = [None] * len(batches)
+
+        async def in_turn(indexes: list[int]) -> None:
+            for n, i in enumerate(indexes):
+                try:
+                    results[i] = await self._call(client, batches[i])
+                except (Unreachable, TimedOut) as exc:
+                    for j in indexes[n:]:
+                        results[j] = exc
+                    return
+                except Exception as exc:  # noqa: BLE001 - this upstream: local state only
+                    results[i] = exc
+
+        try:
+            await client.initialize()  # learn the slots first: once, not in every call
+            by_node: dict[str, list[int]] = {}
+            for i, batch in enumerate(batches):
+                node = client.get_node_from_key(batch.keys[-1])  # the cooldown key: always there
+                by_node.setdefault(node.name, []).append(i)
+        except Exception as exc:  # noqa: BLE001 - cluster unreachable: local state only
+            return [exc] * len(batches)
+        await asyncio.gather(*(in_turn(indexes) for indexes in by_node.values()))
+        return results
 
 
 def _safe_url(url: str) -> str:
