@@ -81,8 +81,8 @@ def test_wheel_holds_every_file_of_the_package(dist):
     assert not [n for n in names if n.endswith(".pyc")]
 
 
-def test_sdist_holds_the_sources_and_tests(dist):
-    """The sdist can rebuild the wheel and run the tests: sources, tests, changelog."""
+def test_sdist_holds_the_sources_tests_and_docs(dist):
+    """The sdist can rebuild the wheel and run the tests: sources, tests, docs, changelog."""
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
@@ -90,6 +90,8 @@ def test_sdist_holds_the_sources_and_tests(dist):
         "pyproject.toml",
         "README.md",
         "CHANGELOG.md",
+        "mkdocs.yml",
+        "docs/index.md",
         "src/upstream_guard/__init__.py",
         "src/upstream_guard/data/spotify_endpoints.tsv",
         "tests/conftest.py",
