@@ -39,6 +39,7 @@ demo: $(STAMP)
 
 # The documentation site, into site/ (open site/index.html, or `$(BIN)/mkdocs serve`).
 docs: $(STAMP)
+	$(BIN)/python -m upstream_guard._docs --check docs/settings.md
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The wheel and the sdist, into dist/, checked by twine.
