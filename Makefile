@@ -18,8 +18,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples checks docs
-	$(BIN)/ruff format --check src tests benchmarks examples checks docs
+	$(BIN)/ruff check src tests benchmarks examples checks docs/hooks.py
+	$(BIN)/ruff format --check src tests benchmarks examples checks docs/hooks.py
 	$(BIN)/mypy --strict tests/typing
 	$(BIN)/mypy --strict src
 

