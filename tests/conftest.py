@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,19 @@ from upstream_guard.testing import (
     SpotifySimulator,
     serve,
 )
+
+# The browser tests drive Debian's chromium through playwright, which never downloads one.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +96,13 @@ def redis_cluster() -> Iterator[RedisClusterServer]:
     cluster.start()
     yield cluster
     cluster.close()
+
+
+@pytest.fixture
+def sync_playwright() -> Any:
+    """Playwright's sync API, or a skip naming what is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser test needs {CHROMIUM} (Debian: apt-get install chromium)")
+    return pytest.importorskip(
+        "playwright.sync_api", reason="browser test needs the playwright package"
+    )
