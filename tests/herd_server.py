@@ -67,7 +67,7 @@ class HerdServer:
         with self._lock:
             self.hits[path] += 1
             first = self.hits[path] == 1
-        if not self._gate.is_set() or (self.first_hangs and first):
+        if not self._gate.is_set() and (first or not self.first_hangs):
             await anyio.to_thread.run_sync(self._gate.wait, abandon_on_cancel=True)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         if self.mode == "fail":

@@ -290,7 +290,7 @@ def record_metrics(record: CallRecord) -> None:
     sent = sum(1 for r in record.retries or () if r.retried)
     if sent:
         _retries.add(sent, base)
-    if record.coalesced and record.attempts == 0:
+    if record.coalesced and record.reason != "deadline":  # answered by an identical call
         _coalesced.add(1, base)
     if record.hedges:
         _hedges.add(record.hedges, base)
