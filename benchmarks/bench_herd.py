@@ -10,7 +10,7 @@ guard's async transport with httpx's default pool (100 connections): what an app
    is for). The upstream answers each call after 50 ms. Reported: the calls that reached the
    upstream (counted by the server) and the callers' p50 and p99 latency, with coalescing on
    (the default) and off. A last row shows N different users (N tokens): never shared.
-2. Slow tail: 2000 reads of distinct tracks, 50 at a time; the upstream answers in 20 ms,
+2. Slow tail: 1000 reads of distinct tracks, 10 at a time; the upstream answers in 20 ms,
    except 5% of requests (chosen at random, seeded) that take 2 s. Reported: p50, p99 and
    the upstream calls, without hedging and with ``hedge.after_s`` = 0.1 s (one hedge at most,
    paid from the retry budget). Goal: p99 cut at least 5x for at most 10% extra calls.
@@ -37,8 +37,8 @@ from upstream_guard import Guard, GuardSettings
 
 HERD_SIZES = (10, 100, 1000)
 HERD_LATENCY_S = 0.05
-TAIL_CALLS = 2000
-TAIL_CONCURRENCY = 50
+TAIL_CALLS = 1000
+TAIL_CONCURRENCY = 10
 TAIL_FAST_S = 0.02
 TAIL_SLOW_S = 2.0
 TAIL_SLOW_SHARE = 0.05

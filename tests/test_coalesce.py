@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from conftest import make_settings
 from herd_server import HerdServer, who
+from otel_sdk import install_sdk
 from upstream_guard import (
     CallEvent,
     Guard,
@@ -417,3 +418,77 @@ async def test_coalescing_can_be_switched_off(herd, herd_url, clock):
         await until(lambda: herd.total == 4)
         herd.release()
     assert herd.total == 4
+
+
+async def test_followers_spans_and_metrics_say_coalesced(herd, herd_url, clock):
+    """Followers' spans carry coalesced=true; the metric counts the upstream calls saved."""
+    exporter, reader = install_sdk()
+    guard = Guard(make_settings(herd_url), clock=clock)
+    get = client_get("httpx", guard)
+
+    def saved() -> int:
+        data = reader.get_metrics_data()
+        points = [
+            p.value
+            for r in (data.resource_metrics if data else [])
+            for sm in r.scope_metrics
+            for m in sm.metrics
+            if m.name == "upstream_guard.coalesced"
+            for p in m.data.data_points
+        ]
+        return int(sum(points))
+
+    before = saved()
+    await herd_of(6, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)
+    logical = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "spotify_api GET /v1/playlists/{playlist_id}"
+    ]
+    flags = sorted(bool((s.attributes or {}).get("upstream_guard.coalesced")) for s in logical)
+    assert flags == [False] + [True] * 5
+    assert saved() - before == 5
+
+
+async def test_streaming_callers_get_whole_bodies(herd, herd_url, clock):
+    """httpx ``stream()`` callers coalesce too: each reads the whole body from its own stream."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    client = httpx.AsyncClient(transport=guard.async_transport())
+
+    async def streamed() -> bytes:
+        async with client.stream("GET", herd_url + PLAYLIST, headers=AUTH) as response:
+            return b"".join([chunk async for chunk in response.aiter_bytes()])
+
+    bodies = await herd_of(5, streamed, herd, guard)
+    assert herd.total == 1
+    assert len(set(bodies)) == 1
+    assert b'"who"' in bodies[0]
+
+
+async def test_a_requests_leader_that_streams_is_never_read_for_others(herd, herd_url, clock):
+    """requests with ``stream=True`` leads: its body is left to it; followers call themselves."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    session = guard.requests_session()
+    streaming = partial(session.get, herd_url + PLAYLIST, headers=AUTH, stream=True, timeout=10)
+    herd.hold()
+    leader = None
+    results: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def lead() -> None:
+            nonlocal leader
+            leader = await anyio.to_thread.run_sync(streaming)
+
+        async def follow() -> None:
+            results.append(await client_get("httpx", guard)(herd_url + PLAYLIST, headers=AUTH))
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+        for _ in range(3):
+            tg.start_soon(follow)
+        await until(lambda: waiting(guard) == 3)
+        herd.release()
+    assert leader is not None
+    assert leader.raw.read()  # the leader's stream is whole and unread
+    assert herd.total == 4
+    assert [r.status_code for r in results] == [200] * 3
