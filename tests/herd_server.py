@@ -25,7 +25,8 @@ def who(authorization: str) -> str:
 
 
 class HerdServer:
-    """An ASGI app: ``hits`` by path; modes ``ok``, ``fail`` (503), ``big`` (a large body)."""
+    """An ASGI app: ``hits`` by path; modes ``ok``, ``fail`` (503), ``big`` (a large body),
+    ``chunked`` (a large body in pieces, without Content-Length)."""
 
     def __init__(self) -> None:
         """Healthy, not holding."""
@@ -80,9 +81,18 @@ class HerdServer:
             "language": headers.get("accept-language", ""),
             "refresh_token": dict(parse_qsl(body.decode())).get("refresh_token", ""),
         }
-        if self.mode == "big":
+        if self.mode in ("big", "chunked"):
             answer["padding"] = "x" * self.big_bytes
-        await _answer(send, 200, json.dumps(answer).encode(), "application/json")
+        body = json.dumps(answer).encode()
+        if self.mode == "chunked":  # no Content-Length: sent in pieces
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for at in range(0, len(body), 1000):
+                piece = body[at : at + 1000]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await _answer(send, 200, body, "application/json")
 
 
 async def _answer(send: Any, status: int, body: bytes, content_type: str) -> None:

@@ -333,12 +333,15 @@ async def test_sync_and_async_callers_share_one_call(herd, herd_url, clock):
     assert [r.json()["who"] for r in results] == [who(AUTH["Authorization"])] * 9
 
 
-@pytest.mark.parametrize("kind", ["httpx", "requests"])
-async def test_an_answer_over_the_cap_is_not_shared(herd, herd_url, clock, kind):
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [("httpx", "big"), ("httpx", "chunked"), ("httpx_sync", "chunked"), ("requests", "chunked")],
+)
+async def test_an_answer_over_the_cap_is_not_shared(herd, herd_url, clock, kind, mode):
     """Over ``coalesce.max_body_bytes``: followers make their own calls, all bodies whole."""
     guard = Guard(make_settings(herd_url, coalesce={"max_body_bytes": 1000}), clock=clock)
     get = client_get(kind, guard)
-    herd.mode, herd.big_bytes = "big", 5000
+    herd.mode, herd.big_bytes = mode, 5000
     results = await herd_of(5, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)
     assert herd.total == 5
     assert [len(r.json()["padding"]) for r in results] == [5000] * 5
