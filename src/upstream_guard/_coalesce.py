@@ -179,7 +179,12 @@ class Flights:
             other.keyed = True
             key = coalesce_key(other, self)
             thread = self.calls.pop(other, None)
-            if thread is not None and key is not None and key not in self.leaders:
+            if (
+                thread is not None
+                and key is not None
+                and key not in self.leaders
+                and len(self.leaders) < self.max_in_flight
+            ):
                 other.ckey, other.thread = key, thread
                 self.leaders[key] = other
 
