@@ -18,7 +18,7 @@ from conftest import make_settings
 from herd_server import HerdServer
 from otel_sdk import install_sdk
 from upstream_guard import CallEvent, Guard
-from upstream_guard.testing import serve
+from upstream_guard.testing import FakeClock, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -138,6 +138,61 @@ async def test_no_hedge_with_a_half_open_breaker(herd, herd_url, clock):
         await client.get(herd_url + "/v1/tracks/probe")
     assert herd.hits["/v1/tracks/probe"] == 1
     assert [(e.hedged, e.breaker_state) for e in events] == [(False, "half-open")]
+
+
+class SteppedClock(FakeClock):
+    """A fake clock whose async sleeps wait until the test lets them end (time then moves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeping = 0
+        self._step: anyio.Event | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait for ``step()``, then move time forward."""
+        self.slept.append(seconds)
+        if self._step is None:
+            self._step = anyio.Event()
+        step = self._step
+        self.sleeping += 1
+        await step.wait()
+        self.sleeping -= 1
+        self.advance(seconds)
+
+    def step(self) -> None:
+        """End every sleep in progress."""
+        if self._step is not None:
+            self._step.set()
+            self._step = None
+
+
+async def test_no_hedge_once_a_cooldown_has_begun(herd, herd_url):
+    """A 429 elsewhere starts a cooldown while the GET waits: its hedge is not sent."""
+    clock = SteppedClock()
+    guard, events = hedging_guard(
+        herd_url, clock, retry={"attempts": 1}, timeout={"attempt_s": 0.3, "total_s": 1}
+    )
+    client = httpx.AsyncClient(transport=guard.async_transport())
+    path = "/v1/tracks/cooling"
+    failed: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await client.get(herd_url + path)
+        except httpx.TransportError as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(5):
+            while not (herd.hits[path] == 1 and clock.sleeping == 1):  # noqa: ASYNC110
+                await anyio.sleep(0.002)  # sleep-ok: polling a real server
+        guard.upstreams["spotify_api"].cooldown.throttle(clock.monotonic(), 30)
+        clock.step()  # the hedge is due now, in the cooldown
+    assert len(failed) == 1
+    assert isinstance(failed[0], httpx.ReadTimeout)
+    assert herd.hits[path] == 1
+    assert [e.hedged for e in events] == [False]
 
 
 async def test_sync_clients_are_never_hedged(herd, herd_url, clock):
