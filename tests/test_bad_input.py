@@ -35,9 +35,11 @@ from conftest import make_settings
 from upstream_guard import (
     BreakerSettings,
     CallEvent,
+    CoalesceSettings,
     FallbackSettings,
     Guard,
     GuardSettings,
+    HedgeSettings,
     RetrySettings,
     SettingsError,
     TimeoutSettings,
@@ -58,6 +60,8 @@ GROUPS: dict[str, type[Any]] = {
     "retry": RetrySettings,
     "timeout": TimeoutSettings,
     "fallback": FallbackSettings,
+    "coalesce": CoalesceSettings,
+    "hedge": HedgeSettings,
 }
 UPSTREAM_FIELDS = [f for f in UpstreamSettings.model_fields if f not in GROUPS]
 TOP_FIELDS = [f for f in GuardSettings.model_fields if f != "upstreams"]

@@ -76,6 +76,8 @@ def test_sync_runner_is_the_async_runner_without_await():
         .replace("AsyncAdapter", "SyncAdapter")
         .replace("an async client", "a sync client")
         .replace("await rt.clock.sleep(", "rt.clock.sleep_sync(")
+        .replace("await coalesce.follow_async(", "coalesce.follow_sync(")
+        .replace("hedge.async_sender(", "hedge.sync_sender(")
         .replace("await ", "")
     )
     assert rewritten == inspect.getsource(_call.run_sync)

@@ -12,8 +12,10 @@ from ._guard import Guard
 from ._middleware import UpstreamGuardMiddleware, install
 from ._settings import (
     BreakerSettings,
+    CoalesceSettings,
     FallbackSettings,
     GuardSettings,
+    HedgeSettings,
     RetrySettings,
     SettingsError,
     TimeoutSettings,
@@ -27,9 +29,11 @@ __all__ = [
     "BulkheadFullError",
     "CallEvent",
     "CircuitOpenError",
+    "CoalesceSettings",
     "FallbackSettings",
     "Guard",
     "GuardSettings",
+    "HedgeSettings",
     "RateLimitedError",
     "RetriesExhaustedError",
     "RetrySettings",

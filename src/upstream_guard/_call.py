@@ -19,6 +19,8 @@ from contextvars import Token
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import _coalesce as coalesce
+from . import _hedge as hedge
 from . import _telemetry as telemetry
 from ._body import BodyWatch
 from ._cache import cache_key, stale_headers, storable, wants_no_copy
@@ -29,6 +31,7 @@ from ._pipeline import HEALTHY, Attempt, AttemptResult, GuardedCall, Wait
 
 if TYPE_CHECKING:
     from ._cache import CachedResponse
+    from ._coalesce import Flight
     from ._guard import Guard
     from ._pipeline import UpstreamRuntime
 
@@ -83,7 +86,14 @@ class _Adapter(Protocol):
         """The client's own read-timeout error, for a body that outlasts the deadline."""
 
     def stale(self, request: Any, entry: CachedResponse, headers: list[tuple[str, str]]) -> Any:
-        """A response built from a stored copy."""
+        """A response built from a stored copy (or another caller's shared answer).
+
+        ``entry.body`` is the raw body as it came (encoded as ``headers`` say) for a shared
+        answer, and decoded (no Content-Encoding in ``headers``) for a stale copy.
+        """
+
+    def content(self, request: Any) -> bytes | None:
+        """The request's body if it is in memory (None: streamed), for a token request's key."""
 
 
 class SyncAdapter(_Adapter, Protocol):
@@ -104,6 +114,13 @@ class SyncAdapter(_Adapter, Protocol):
     def close(self, response: Any) -> None:
         """Close a response a retry replaces."""
 
+    def read_shared(self, response: Any, limit: int) -> bytes | None:
+        """The raw body to share with waiting callers, put back for the caller to read.
+
+        None: it is over ``limit`` bytes (the caller still reads all of it), or the caller
+        streams it (the client says so) and it is left alone.
+        """
+
 
 class AsyncAdapter(_Adapter, Protocol):
     """A client whose calls are awaited (httpx.AsyncClient, aiohttp)."""
@@ -123,6 +140,9 @@ class AsyncAdapter(_Adapter, Protocol):
     async def close(self, response: Any) -> None:
         """Close a response a retry replaces."""
 
+    async def read_shared(self, response: Any, limit: int) -> bytes | None:
+        """The raw body to share with waiting callers (as ``SyncAdapter.read_shared``)."""
+
 
 class Exchange(GuardedCall):
     """One call: its decisions and record (``GuardedCall``), and what the twins share of it.
@@ -140,6 +160,16 @@ class Exchange(GuardedCall):
     """Whether the call records spans (an OpenTelemetry SDK is installed)."""
     mistake = False
     """Whether an attempt raised the caller's own mistake (passed on untouched)."""
+    # Coalescing (``_coalesce``): set only when other calls are in flight.
+    crowded = False
+    """Other calls to the upstream were in flight when this one began."""
+    keyed = False
+    """The call's coalescing key was worked out (it may lead identical calls)."""
+    ckey: bytes | None = None
+    thread = 0
+    """The thread that runs the call (read when it leads)."""
+    flight: Flight | None = None
+    """This call's answer is awaited by identical calls (it leads them)."""
 
     def __init__(
         self,
@@ -175,6 +205,13 @@ class Exchange(GuardedCall):
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
             self.span = telemetry.CallSpan(self, url.host, url.port, attempt_spans=own)
+        flights = rt.flights
+        if flights is not None:  # alone, it only says it is in flight: no key, no lock
+            calls = flights.calls
+            if calls or flights.leaders:
+                self.crowded = True
+            else:
+                calls[self] = coalesce.get_ident()
         if state.patched:  # last: nothing after it may raise and leave it set
             self.token = guarding.set(True)
 
@@ -253,6 +290,8 @@ class Exchange(GuardedCall):
 
     def stale_or_raise(self, exc: UpstreamUnavailable) -> Any:
         """A stale copy if one may stand in; else the error, as the client's own class."""
+        if self.flight is not None:  # identical calls wait: each gets an error of its own
+            coalesce.fail(self, exc)
         stale = self._stale()
         if stale is not None:
             return stale
@@ -262,7 +301,7 @@ class Exchange(GuardedCall):
             exc, base=self.adapter.base_error, request=self.request
         ) from exc.__cause__
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: C901 - every step is one line of what a call gives back
         """The call is over, however it ended: what it holds goes back; record, events.
 
         A permit still held (the attempt raised) counts for nothing; the bulkhead place is
@@ -276,6 +315,11 @@ class Exchange(GuardedCall):
         if self._placed:
             self._placed = False
             self.rt.bulkhead.release()  # type: ignore[union-attr]
+        flights = self.rt.flights
+        if flights is not None:
+            flights.calls.pop(self, None)
+            if self.keyed:  # read after the pop: see ``Flights._key_unkeyed``
+                flights.leave(self)
         if self.token is not None:
             guarding.reset(self.token)
         if self.span is not None:
@@ -301,6 +345,12 @@ def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
     response = None
     status = 0
     try:
+        if x.crowded:  # other calls in flight: one of them may be getting this very answer
+            response = coalesce.follow_sync(x)
+            if response is not None:
+                return response
+        if rt.hedge_after_s is not None:
+            sender = hedge.sync_sender(x, sender)
         step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
@@ -325,6 +375,8 @@ def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
             response = x.delivered(response, status)
             if x.copying:
                 x.keep(response, adapter.read_copy(response))
+        if x.flight is not None and coalesce.closing(x):  # identical calls wait: share
+            coalesce.share(x, response, adapter.read_shared(response, rt.share_limit))
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:
@@ -348,6 +400,12 @@ async def run_async(  # noqa: C901, PLR0912 - one call's steps read best in one 
     response = None
     status = 0
     try:
+        if x.crowded:  # other calls in flight: one of them may be getting this very answer
+            response = await coalesce.follow_async(x)
+            if response is not None:
+                return response
+        if rt.hedge_after_s is not None:
+            sender = hedge.async_sender(x, sender)
         step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
@@ -372,6 +430,8 @@ async def run_async(  # noqa: C901, PLR0912 - one call's steps read best in one 
             response = x.delivered(response, status)
             if x.copying:
                 x.keep(response, await adapter.read_copy(response))
+        if x.flight is not None and coalesce.closing(x):  # identical calls wait: share
+            coalesce.share(x, response, await adapter.read_shared(response, rt.share_limit))
     except UpstreamUnavailable as exc:
         return x.stale_or_raise(exc)
     except BaseException as exc:

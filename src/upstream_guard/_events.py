@@ -55,6 +55,8 @@ class CallEvent:
             duration_s=record.duration_s,
             breaker_state=record.breaker_state,
             retries=sum(1 for r in record.retries or () if r.retried),
+            coalesced=record.coalesced,
+            hedged=record.hedges > 0,
         )
 
 

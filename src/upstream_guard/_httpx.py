@@ -9,7 +9,7 @@ have, and sets ``elapsed``. A 2xx body is watched as the caller reads it.
 from __future__ import annotations
 
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ class _Adapter:
     attempt_errors: tuple[type[BaseException], ...]
     instrumentation: str | None
     body: Callable[[Any, BodyWatch], Any]  # the watched stream's class
+    resumed: Callable[[list[bytes], Any, Any], Any]  # read chunks, then the rest of a stream
 
     @staticmethod
     def _bound(request: Any, seconds: float) -> None:
@@ -92,6 +93,17 @@ class _Adapter:
     def watch(self, response: Any, watch: BodyWatch) -> None:
         response.stream = self.body(response.stream, watch)
 
+    def content(self, request: Any) -> bytes | None:
+        try:
+            return request.content  # type: ignore[no-any-return]
+        except self.module.RequestNotRead:  # a streamed body
+            return None
+
+    @staticmethod
+    def _too_long(response: Any, limit: int) -> bool:
+        length = response.headers.get("content-length", "")
+        return length.isdigit() and int(length) > limit
+
     def _decoded(self, response: Any, raw: bytes) -> bytes | None:
         """The body as the client decodes it (None: it does not decode)."""
         try:
@@ -141,6 +153,24 @@ class _Async(_Adapter):
     async def close(self, response: Any) -> None:
         await response.aclose()
 
+    async def read_shared(self, response: Any, limit: int) -> bytes | None:
+        if self._too_long(response, limit):
+            return None
+        stream = response.stream
+        rest = stream.__aiter__()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in rest:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # the caller gets what was read, then the rest as it comes
+                response.stream = self.resumed(chunks, rest, stream)
+                return None
+        await stream.aclose()
+        raw = b"".join(chunks)
+        response.stream = self.module.ByteStream(raw)
+        return raw
+
 
 class _Sync(_Adapter):
     __slots__ = ()
@@ -166,6 +196,58 @@ class _Sync(_Adapter):
     def close(self, response: Any) -> None:
         response.close()
 
+    def read_shared(self, response: Any, limit: int) -> bytes | None:
+        if self._too_long(response, limit):
+            return None
+        stream = response.stream
+        rest = iter(stream)
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in rest:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # the caller gets what was read, then the rest as it comes
+                response.stream = self.resumed(chunks, rest, stream)
+                return None
+        stream.close()
+        raw = b"".join(chunks)
+        response.stream = self.module.ByteStream(raw)
+        return raw
+
+
+class _AsyncResumed:
+    """Chunks already read, then the rest of the stream they came from."""
+
+    __slots__ = ("_chunks", "_inner", "_rest")
+
+    def __init__(self, chunks: list[bytes], rest: Any, inner: Any) -> None:
+        self._chunks, self._rest, self._inner = chunks, rest, inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _SyncResumed:
+    """Chunks already read, then the rest of the stream they came from."""
+
+    __slots__ = ("_chunks", "_inner", "_rest")
+
+    def __init__(self, chunks: list[bytes], rest: Any, inner: Any) -> None:
+        self._chunks, self._rest, self._inner = chunks, rest, inner
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._chunks
+        yield from self._rest
+
+    def close(self) -> None:
+        self._inner.close()
+
 
 def adapters(module: types.ModuleType) -> tuple[type[Any], type[Any]]:
     """The (async, sync) adapter classes of one httpx-like module."""
@@ -178,7 +260,17 @@ def adapters(module: types.ModuleType) -> tuple[type[Any], type[Any]]:
     names |= {"attempt_errors": (module.TransportError,), "instrumentation": module.__name__}
     async_body = type("WatchedBody", (AsyncChunks, module.AsyncByteStream), {"__slots__": ()})
     sync_body = type("WatchedBody", (SyncChunks, module.SyncByteStream), {"__slots__": ()})
+    async_resumed = type("ResumedBody", (_AsyncResumed, module.AsyncByteStream), {"__slots__": ()})
+    sync_resumed = type("ResumedBody", (_SyncResumed, module.SyncByteStream), {"__slots__": ()})
     return (
-        type(f"{module.__name__}AsyncAdapter", (_Async,), {**names, "body": async_body}),
-        type(f"{module.__name__}SyncAdapter", (_Sync,), {**names, "body": sync_body}),
+        type(
+            f"{module.__name__}AsyncAdapter",
+            (_Async,),
+            {**names, "body": async_body, "resumed": async_resumed},
+        ),
+        type(
+            f"{module.__name__}SyncAdapter",
+            (_Sync,),
+            {**names, "body": sync_body, "resumed": sync_resumed},
+        ),
     )

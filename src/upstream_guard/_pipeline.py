@@ -21,6 +21,7 @@ from ._bulkhead import Bulkhead
 from ._cache import StaleCache
 from ._classify import Outcome, classify_status, parse_retry_after
 from ._clock import Clock
+from ._coalesce import Flights
 from ._cooldown import CooldownGate
 from ._endpoints import TemplateMatcher
 from ._errors import (
@@ -96,6 +97,21 @@ class CallRecord:
     duration_s: float = 0.0
     span: Any = None
     """The call's telemetry (``_telemetry.CallSpan``) when an OpenTelemetry SDK is installed."""
+    coalesced: bool = False
+    """The call shared an identical call's answer instead of making its own."""
+    hedges: int = 0
+    """Hedges sent (extra attempts in parallel with a slow one)."""
+    hedges_won: int = 0
+    """Hedges whose answer was delivered (0 or 1 per call)."""
+    hedge_winner: int | None = None
+    """The attempt whose answer a hedged call delivered."""
+    hedge_log: list[tuple[int, str]] | None = None
+    """Each attempt of a hedged call and how it ended: ``won``, ``cancelled``, ``failure``."""
+
+    @property
+    def hedged(self) -> bool:
+        """Whether a hedge was sent."""
+        return self.hedges > 0
 
 
 class UpstreamRuntime:
@@ -140,6 +156,12 @@ class UpstreamRuntime:
         self.attempt_s = settings.timeout.attempt_s
         # The usual first attempt (immutable): one object for all calls.
         self.first_attempt = Attempt(1, min(self.total_s, self.attempt_s))
+        co = settings.coalesce
+        self.flights = Flights(co) if co.gets or co.token_requests else None
+        """Calls in flight, for coalescing identical ones (None: coalescing is off)."""
+        self.share_limit = co.max_body_bytes
+        self.hedge_after_s = settings.hedge.after_s
+        """When a slow GET gets a hedge (None: never)."""
         self._state_hooks = state_hooks
         self.breakers: dict[str, Breaker] = {}
         self.breaker: Breaker | None = None

@@ -11,6 +11,7 @@ upstream_guard`` never imports requests.
 from __future__ import annotations
 
 import io
+from http import HTTPStatus
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,7 @@ def _replayed(raw: Any, body: bytes) -> urllib3.HTTPResponse:
     )
 
 
+_STATUSES = frozenset(HTTPStatus)
 _NETWORK_ERRORS = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.RetryError,
@@ -137,6 +139,21 @@ class Adapter:
     def read_failure(self, response: Any) -> bytes:
         return self._read(response, None)
 
+    def read_shared(self, response: Any, limit: int) -> bytes | None:
+        if self._kwargs.get("stream"):
+            return None  # the caller streams it: read by no one but the caller
+        body = self._read(response, None)  # in memory already: read within the attempt
+        return body if len(body) <= limit else None
+
+    @staticmethod
+    def content(request: Any) -> bytes | None:
+        body = request.body
+        if body is None:
+            return b""
+        if isinstance(body, str):
+            return body.encode("utf-8")
+        return body if isinstance(body, bytes) else None
+
     def read_copy(self, response: Any) -> bytes | None:
         body = self._read(response, None)
         try:
@@ -174,7 +191,12 @@ class Adapter:
 
     def stale(self, request: Any, entry: CachedResponse, headers: list[tuple[str, str]]) -> Any:
         body = io.BytesIO(entry.body)
+        reason = HTTPStatus(entry.status).phrase if entry.status in _STATUSES else ""
         raw = urllib3.HTTPResponse(
-            body, urllib3.HTTPHeaderDict(headers), entry.status, reason="OK", preload_content=False
+            body,
+            urllib3.HTTPHeaderDict(headers),
+            entry.status,
+            reason=reason,
+            preload_content=False,
         )
         return self._http.build_response(request, raw)

@@ -180,6 +180,48 @@ class FallbackSettings(_Group):
     cache_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Bytes of stale copies kept.")
 
 
+class CoalesceSettings(_Group):
+    """Concurrent identical calls in one process share one upstream call (per identity)."""
+
+    _env_group: ClassVar[tuple[str, ...]] = ("coalesce",)
+
+    gets: bool = Field(
+        default=True,
+        description="Identical GETs in flight at once (same URL, Authorization, Cookie, "
+        "Accept, Accept-Language) share one upstream call.",
+    )
+    token_requests: bool = Field(
+        default=True,
+        description="Identical POSTs to `/api/token` (same form body and Authorization) share "
+        "one call; no other POST ever does.",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="Largest answer body shared with waiting callers; larger ones make their "
+        "own calls.",
+    )
+    max_in_flight: int = Field(
+        1024,
+        ge=1,
+        description="Calls tracked in flight at once; calls beyond it are not coalesced.",
+    )
+
+
+class HedgeSettings(_Group):
+    """A slow GET gets extra attempts in parallel; the first good answer wins."""
+
+    _env_group: ClassVar[tuple[str, ...]] = ("hedge",)
+
+    after_s: float | None = Field(
+        None,
+        gt=0,
+        description="Send a hedge when a GET has no answer after this long (none: off). "
+        "Paid from the retry budget.",
+    )
+    max_extra: int = Field(1, ge=1, le=5, description="Hedges at most per attempt.")
+
+
 def _parse_host(entry: str) -> str:
     text = entry.strip().lower()
     if not text or "/" in text or "@" in text or " " in text:
@@ -229,6 +271,8 @@ class UpstreamSettings(_Group):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     timeout: TimeoutSettings = Field(default_factory=TimeoutSettings)
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
+    hedge: HedgeSettings = Field(default_factory=HedgeSettings)
 
     @field_validator("hosts", mode="before")
     @classmethod

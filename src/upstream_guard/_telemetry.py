@@ -198,6 +198,18 @@ class CallSpan:
         span.set_attribute("upstream_guard.attempts", record.attempts)
         if record.status is not None:
             span.set_attribute("http.response.status_code", record.status)
+        if record.coalesced:
+            span.set_attribute("upstream_guard.coalesced", True)
+        if record.hedges:
+            span.set_attribute("upstream_guard.hedged", True)
+            span.set_attribute("upstream_guard.hedge.sent", record.hedges)
+            if record.hedge_winner is not None:
+                span.set_attribute("upstream_guard.hedge.winner", record.hedge_winner)
+            for number, ended in record.hedge_log or ():
+                span.add_event(
+                    "upstream_guard.hedge.attempt",
+                    {"upstream_guard.attempt": number, "upstream_guard.attempt.outcome": ended},
+                )
         for retry in record.retries or ():
             span.add_event(
                 "upstream_guard.retry",
@@ -251,6 +263,17 @@ _retries = _meter.create_counter(
 _refused = _meter.create_counter(
     "upstream_guard.refused", unit="{call}", description="Calls refused without being sent."
 )
+_coalesced = _meter.create_counter(
+    "upstream_guard.coalesced",
+    unit="{call}",
+    description="Calls answered by an identical call in flight: upstream calls saved.",
+)
+_hedges = _meter.create_counter(
+    "upstream_guard.hedges", unit="{attempt}", description="Hedges sent (extra attempts)."
+)
+_hedges_won = _meter.create_counter(
+    "upstream_guard.hedges.won", unit="{attempt}", description="Hedges whose answer was used."
+)
 _duration = _meter.create_histogram(
     "upstream_guard.call.duration", unit="s", description="Duration of guarded calls."
 )
@@ -267,6 +290,12 @@ def record_metrics(record: CallRecord) -> None:
     sent = sum(1 for r in record.retries or () if r.retried)
     if sent:
         _retries.add(sent, base)
+    if record.coalesced and record.reason != "deadline":  # answered by an identical call
+        _coalesced.add(1, base)
+    if record.hedges:
+        _hedges.add(record.hedges, base)
+        if record.hedges_won:
+            _hedges_won.add(record.hedges_won, base)
 
 
 def _worst(values: dict[tuple[str, str], float]) -> Iterable[Observation]:

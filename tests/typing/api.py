@@ -13,8 +13,10 @@ from starlette.responses import JSONResponse, Response
 from upstream_guard import (
     CallEvent,
     CircuitOpenError,
+    CoalesceSettings,
     Guard,
     GuardSettings,
+    HedgeSettings,
     RateLimitedError,
     RetriesExhaustedError,
     UpstreamGuardMiddleware,
@@ -91,6 +93,11 @@ def settings() -> None:
     """Settings built in code."""
     upstream = UpstreamSettings(hosts=("127.0.0.1:8000",), retry={"attempts": 2})
     GuardSettings(upstreams={"spotify_api": upstream}, redis_url=None)
+    UpstreamSettings(
+        hosts=("api.spotify.com",),
+        coalesce=CoalesceSettings(gets=True, token_requests=True, max_body_bytes=1 << 20),
+        hedge=HedgeSettings(after_s=0.25, max_extra=1),
+    )
 
 
 def simulator() -> None:

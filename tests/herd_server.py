@@ -1,0 +1,101 @@
+"""A loopback upstream for coalescing and hedging tests: it counts, holds and echoes calls.
+
+Every answer says who asked (a hash of the Authorization header, the Accept-Language, the
+path and query, and a token request's refresh token), so a test can check that each caller
+got its own answer. ``hold()`` keeps requests waiting until ``release()``; ``first_hangs``
+keeps the first request of each path waiting until released and answers the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+import anyio.to_thread
+
+
+def who(authorization: str) -> str:
+    """What the server says of an Authorization header: a short hash, never the token."""
+    return hashlib.sha256(authorization.encode()).hexdigest()[:12]
+
+
+class HerdServer:
+    """An ASGI app: ``hits`` by path; modes ``ok``, ``fail`` (503), ``big`` (a large body),
+    ``chunked`` (a large body in pieces, without Content-Length)."""
+
+    def __init__(self) -> None:
+        """Healthy, not holding."""
+        self.hits: Counter[str] = Counter()
+        self.mode = "ok"
+        self.big_bytes = 4096
+        self.first_hangs = False
+        self._gate = threading.Event()
+        self._gate.set()
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        """Requests received."""
+        return sum(self.hits.values())
+
+    def hold(self) -> None:
+        """Keep requests waiting until ``release``."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        """Let waiting requests answer."""
+        self._gate.set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve one request."""
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path: str = scope["path"]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        with self._lock:
+            self.hits[path] += 1
+            first = self.hits[path] == 1
+        if not self._gate.is_set() and (first or not self.first_hangs):
+            await anyio.to_thread.run_sync(self._gate.wait, abandon_on_cancel=True)
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        if self.mode == "fail":
+            await _answer(send, 503, b"no healthy upstream", "text/plain")
+            return
+        answer = {
+            "path": path,
+            "query": scope["query_string"].decode(),
+            "who": who(headers.get("authorization", "")),
+            "language": headers.get("accept-language", ""),
+            "refresh_token": dict(parse_qsl(body.decode())).get("refresh_token", ""),
+        }
+        if self.mode in ("big", "chunked"):
+            answer["padding"] = "x" * self.big_bytes
+        body = json.dumps(answer).encode()
+        if self.mode == "chunked":  # no Content-Length: sent in pieces
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for at in range(0, len(body), 1000):
+                piece = body[at : at + 1000]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await _answer(send, 200, body, "application/json")
+
+
+async def _answer(send: Any, status: int, body: bytes, content_type: str) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"cache-control", b"private")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

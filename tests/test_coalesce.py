@@ -1,0 +1,497 @@
+"""Coalescing: concurrent identical calls share one upstream call, per caller identity.
+
+Real clients (httpx, httpx2, httpx.Client, requests) against a real loopback server that
+counts the calls it gets and holds them until released, so that callers meet in flight.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from conftest import make_settings
+from herd_server import HerdServer, who
+from otel_sdk import install_sdk
+from upstream_guard import (
+    CallEvent,
+    Guard,
+    GuardSettings,
+    RetriesExhaustedError,
+    UpstreamGuardMiddleware,
+    UpstreamUnavailable,
+)
+from upstream_guard.testing import FakeClock, serve
+
+pytestmark = pytest.mark.anyio
+
+AUTH = {"Authorization": "Bearer user-a-token"}
+PLAYLIST = "/v1/playlists/37i9dQZF1DXcBWIGoYBM5M?market=SE&fields=name"
+Get = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture(scope="module")
+def _herd() -> Any:
+    app = HerdServer()
+    with serve(app) as url:
+        yield app, url
+
+
+@pytest.fixture
+def herd(_herd: tuple[HerdServer, str]) -> Any:
+    """The counting server, healthy, not holding, with no hits."""
+    app, _ = _herd
+    app.mode, app.first_hangs = "ok", False
+    app.hits.clear()
+    app.release()
+    yield app
+    app.release()
+
+
+@pytest.fixture
+def herd_url(_herd: tuple[HerdServer, str], herd: HerdServer) -> str:
+    """The counting server's base URL."""
+    return _herd[1]
+
+
+def client_get(kind: str, guard: Guard) -> Get:
+    """``await get(url, headers=...)`` through a real client of ``kind``, guarded."""
+    if kind == "httpx":
+        client = httpx.AsyncClient(transport=guard.async_transport())
+        return client.get
+    if kind == "httpx2":
+        httpx2 = pytest.importorskip("httpx2")
+        client2 = httpx2.AsyncClient(transport=guard.async_transport(httpx2.AsyncHTTPTransport()))
+        return client2.get  # type: ignore[no-any-return]
+    if kind == "httpx_sync":
+        sync = httpx.Client(transport=guard.sync_transport())
+        return lambda url, **kw: anyio.to_thread.run_sync(partial(sync.get, url, **kw))
+    session = guard.requests_session()
+    return lambda url, **kw: anyio.to_thread.run_sync(partial(session.get, url, timeout=10, **kw))
+
+
+def response_type(kind: str) -> type[Any]:
+    """The response class each client hands back."""
+    if kind == "requests":
+        import requests
+
+        return requests.Response
+    if kind == "httpx2":
+        import httpx2
+
+        return httpx2.Response  # type: ignore[no-any-return]
+    return httpx.Response
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Wait for real callers and a real server to get there (at most 5 s)."""
+    with anyio.fail_after(5):
+        while not done():  # noqa: ASYNC110 - threads and a server change it, not tasks
+            await anyio.sleep(0.002)  # sleep-ok: polling real tasks, threads and sockets
+
+
+def waiting(guard: Guard, upstream: str = "spotify_api") -> int:
+    """Callers waiting for an identical call in flight."""
+    flights = guard.upstreams[upstream].flights
+    assert flights is not None
+    return sum(c.flight.waiters for c in list(flights.leaders.values()) if c.flight is not None)
+
+
+async def herd_of(
+    n: int, call: Callable[[], Awaitable[Any]], herd: HerdServer, guard: Guard
+) -> Any:
+    """Start ``n`` calls while the server holds; release once one is in and the rest wait."""
+    results: list[Any] = []
+
+    async def one() -> None:
+        results.append(await call())
+
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+        await until(lambda: herd.total >= 1 and waiting(guard) == n - 1)
+        herd.release()
+    return results
+
+
+@pytest.mark.parametrize("kind", ["httpx", "httpx2", "httpx_sync", "requests"])
+async def test_twenty_identical_gets_make_one_call(herd, herd_url, clock, kind):
+    """20 concurrent identical GETs by one identity: 1 upstream call, 20 own correct answers."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get(kind, guard)
+    results = await herd_of(20, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)
+    assert herd.total == 1
+    assert len(results) == 20
+    assert len({id(r) for r in results}) == 20  # each caller its own response object
+    for response in results:
+        assert isinstance(response, response_type(kind))
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert body["path"] == "/v1/playlists/37i9dQZF1DXcBWIGoYBM5M"
+        assert body["query"] == "market=SE&fields=name"
+        assert body["who"] == who(AUTH["Authorization"])
+    assert sorted(e.coalesced for e in events) == [False] + [True] * 19
+    assert {e.outcome for e in events} == {"success"}
+    flights = guard.upstreams["spotify_api"].flights
+    assert flights is not None
+    assert not flights.calls
+    assert not flights.leaders
+
+
+async def test_ten_identities_make_ten_calls_and_never_see_each_other(herd, herd_url, clock):
+    """Per identity one call: each caller gets its own user's answer, never another's."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    get = client_get("httpx", guard)
+    identities = [{"Authorization": f"Bearer user-{i}-token"} for i in range(10)]
+    # The same user in another language, and with a cookie, is another answer too.
+    identities.append({**identities[0], "Accept-Language": "sv-SE"})
+    identities.append({**identities[0], "Cookie": "sp_dc=other-session"})
+    asked: list[tuple[dict[str, str], Any]] = []
+
+    async def ask(headers: dict[str, str]) -> None:
+        asked.append((headers, await get(herd_url + PLAYLIST, headers=headers)))
+
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for headers in identities * 3:
+            tg.start_soon(ask, headers)
+        await until(lambda: herd.total == len(identities) and waiting(guard) == 2 * len(identities))
+        herd.release()
+    assert herd.total == len(identities)
+    assert len(asked) == 3 * len(identities)
+    for headers, response in asked:
+        body = response.json()
+        assert body["who"] == who(headers["Authorization"])
+        assert body["language"] == headers.get("Accept-Language", "")
+
+
+async def test_a_follower_stops_at_its_own_deadline_and_the_leader_goes_on(herd, herd_url, clock):
+    """A follower with a shorter deadline gives up at it (a 503 inbound); the leader answers."""
+    hostport = herd_url.split("://", 1)[1]
+    settings = GuardSettings(
+        upstreams={"spotify_api": {"hosts": [hostport]}}, request_deadline_s=1.0
+    )
+    guard = Guard(settings, clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    upstream = httpx.AsyncClient(transport=guard.async_transport())
+
+    async def playlist(request: Request) -> JSONResponse:
+        answer = await upstream.get(herd_url + PLAYLIST, headers=AUTH)
+        return JSONResponse(answer.json())
+
+    app = Starlette(
+        routes=[Route("/p", playlist)],
+        middleware=[Middleware(UpstreamGuardMiddleware, guard=guard)],
+    )
+    inbound = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app")
+    herd.hold()
+    got: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+
+        async def lead() -> None:
+            got["leader"] = await upstream.get(herd_url + PLAYLIST, headers=AUTH)
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+        started = clock.monotonic()
+        got["inbound"] = await inbound.get("/p")  # follows, then its 1 s deadline passes
+        assert clock.monotonic() - started == pytest.approx(1.0)
+        assert "leader" not in got  # the leader still waits for its answer
+        herd.release()
+    assert got["inbound"].status_code == 503
+    assert got["inbound"].headers["content-type"] == "application/problem+json"
+    assert got["leader"].status_code == 200
+    assert herd.total == 1
+    follower = next(e for e in events if e.coalesced)
+    assert (follower.outcome, follower.reason) == ("failure", "deadline")
+    assert guard.state("spotify_api") == "closed"
+
+
+async def test_a_cancelled_leader_leaves_its_followers_answered(herd, herd_url, clock):
+    """The leader's caller goes away: followers are not cancelled; one of them leads on."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    results: list[Any] = []
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        leader_scope = anyio.CancelScope()
+
+        async def lead() -> None:
+            with leader_scope:
+                await get(herd_url + PLAYLIST, headers=AUTH)
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+
+        async def follow() -> None:
+            results.append(await get(herd_url + PLAYLIST, headers=AUTH))
+
+        for _ in range(5):
+            tg.start_soon(follow)
+        await until(lambda: waiting(guard) == 5)
+        leader_scope.cancel()
+        await until(lambda: herd.total == 2 and waiting(guard) == 4)
+        herd.release()
+    assert [r.status_code for r in results] == [200] * 5
+    assert {r.json()["who"] for r in results} == {who(AUTH["Authorization"])}
+    outcomes = sorted((e.outcome, e.coalesced) for e in events)
+    assert outcomes == [("cancelled", False), ("success", False)] + [("success", True)] * 4
+    assert herd.total == 2  # the cancelled attempt, and the one a follower made in its place
+    assert guard.state("spotify_api") == "closed"
+
+
+async def test_a_failure_answer_reaches_everyone_and_counts_once(herd, herd_url, clock):
+    """A 503 answer: every caller gets its own copy of it; the breaker counts one failure."""
+    guard = Guard(
+        make_settings(herd_url, breaker={"fail_max": 2}, retry={"attempts": 1}), clock=clock
+    )
+    get = client_get("httpx", guard)
+    herd.mode = "fail"
+    results = await herd_of(10, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)
+    assert herd.total == 1
+    assert [(r.status_code, r.text) for r in results] == [(503, "no healthy upstream")] * 10
+    assert guard.state("spotify_api") == "closed"  # 10 failures would have opened it
+    herd.mode = "ok"
+    assert (await get(herd_url + PLAYLIST, headers=AUTH)).status_code == 200
+
+
+async def test_an_error_reaches_everyone_as_their_own_and_counts_once(herd, herd_url, clock):
+    """An attempt that times out: each caller raises its own error of its client's class."""
+    guard = Guard(
+        make_settings(
+            herd_url,
+            breaker={"fail_max": 2},
+            retry={"attempts": 1},
+            timeout={"attempt_s": 0.3, "total_s": 1},
+        ),
+        clock=clock,
+    )
+    get = client_get("httpx", guard)
+
+    async def call() -> BaseException:
+        try:
+            await get(herd_url + PLAYLIST, headers=AUTH)
+        except httpx.TransportError as exc:
+            return exc
+        raise AssertionError("the call should have failed")
+
+    herd.hold()  # never released in time: the attempt times out
+    errors = []
+    async with anyio.create_task_group() as tg:
+
+        async def one() -> None:
+            errors.append(await call())
+
+        for _ in range(6):
+            tg.start_soon(one)
+        await until(lambda: herd.total == 1 and waiting(guard) == 5)
+    herd.release()
+    assert len({id(e) for e in errors}) == 6
+    for error in errors:
+        assert isinstance(error, httpx.ReadTimeout)
+        assert isinstance(error, RetriesExhaustedError)
+        assert isinstance(error, UpstreamUnavailable)
+        assert error.reason == "timeout"
+    assert herd.total == 1
+    assert guard.state("spotify_api") == "closed"
+
+
+async def test_sync_and_async_callers_share_one_call(herd, herd_url, clock):
+    """httpx.AsyncClient, httpx.Client and requests callers at once: one upstream call."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    getters = [client_get(k, guard) for k in ("httpx", "httpx_sync", "requests")]
+    results: list[Any] = []
+
+    async def ask(get: Get) -> None:
+        results.append(await get(herd_url + PLAYLIST, headers=AUTH))
+
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for get in getters * 3:
+            tg.start_soon(ask, get)
+        await until(lambda: herd.total == 1 and waiting(guard) == 8)
+        herd.release()
+    assert herd.total == 1
+    assert [r.json()["who"] for r in results] == [who(AUTH["Authorization"])] * 9
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [("httpx", "big"), ("httpx", "chunked"), ("httpx_sync", "chunked"), ("requests", "chunked")],
+)
+async def test_an_answer_over_the_cap_is_not_shared(herd, herd_url, clock, kind, mode):
+    """Over ``coalesce.max_body_bytes``: followers make their own calls, all bodies whole."""
+    guard = Guard(make_settings(herd_url, coalesce={"max_body_bytes": 1000}), clock=clock)
+    get = client_get(kind, guard)
+    herd.mode, herd.big_bytes = mode, 5000
+    results = await herd_of(5, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)
+    assert herd.total == 5
+    assert [len(r.json()["padding"]) for r in results] == [5000] * 5
+
+
+async def test_concurrent_token_refreshes_mint_once_per_refresh_token(herd, herd_url, clock):
+    """10 identical refreshes: 1 mint; another refresh token: its own mint and its own answer."""
+    hostport = herd_url.split("://", 1)[1]
+    settings = GuardSettings(
+        upstreams={
+            "spotify_api": {"hosts": ["api.example"]},
+            "spotify_accounts": {"hosts": [hostport]},
+        }
+    )
+    guard = Guard(settings, clock=clock)
+    client = httpx.AsyncClient(transport=guard.async_transport())
+    basic = {"Authorization": "Basic Y2xpZW50OnNlY3JldA=="}
+    minted: list[tuple[str, Any]] = []
+
+    async def refresh(token: str) -> None:
+        form = {"grant_type": "refresh_token", "refresh_token": token}
+        minted.append((token, await client.post(herd_url + "/api/token", data=form, headers=basic)))
+
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for token in ["refresh-a"] * 10 + ["refresh-b"] * 3:
+            tg.start_soon(refresh, token)
+        await until(lambda: herd.total == 2 and waiting(guard, "spotify_accounts") == 11)
+        herd.release()
+    assert herd.hits["/api/token"] == 2
+    for token, response in minted:
+        assert response.json()["refresh_token"] == token
+
+
+async def test_no_other_post_is_ever_coalesced(herd, herd_url, clock):
+    """Identical POSTs anywhere but /api/token each make their own call."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    client = httpx.AsyncClient(transport=guard.async_transport())
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(partial(client.post, herd_url + "/v1/me/player/next", headers=AUTH))
+        await until(lambda: herd.total == 5)
+        assert waiting(guard) == 0
+        herd.release()
+    assert herd.hits["/v1/me/player/next"] == 5
+
+
+async def test_the_table_is_bounded_and_empties_once_calls_finish(herd, herd_url):
+    """Distinct URLs in flight: at most ``max_in_flight`` leaders; none left afterwards."""
+    guard = Guard(make_settings(herd_url, coalesce={"max_in_flight": 3}), clock=FakeClock())
+    get = client_get("httpx", guard)
+    flights = guard.upstreams["spotify_api"].flights
+    assert flights is not None
+    herd.hold()
+    seen: list[int] = []
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(partial(get, f"{herd_url}/v1/tracks/{i}", headers=AUTH))
+        await until(lambda: herd.total == 20)
+        seen.append(len(flights.leaders) + len(flights.calls))
+        herd.release()
+    assert seen[0] <= 3 + 1  # the bound, and the one call that came alone
+    assert not flights.calls
+    assert not flights.leaders
+    gc.collect()
+
+
+async def test_coalescing_can_be_switched_off(herd, herd_url, clock):
+    """``coalesce.gets = false``: identical GETs each make their own call."""
+    guard = Guard(make_settings(herd_url, coalesce={"gets": False}), clock=clock)
+    get = client_get("httpx", guard)
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(partial(get, herd_url + PLAYLIST, headers=AUTH))
+        await until(lambda: herd.total == 4)
+        herd.release()
+    assert herd.total == 4
+
+
+async def test_followers_spans_and_metrics_say_coalesced(herd, herd_url, clock):
+    """Followers' spans carry coalesced=true; the metric counts the upstream calls saved."""
+    exporter, reader = install_sdk()
+    guard = Guard(make_settings(herd_url), clock=clock)
+    get = client_get("httpx", guard)
+
+    def saved() -> int:
+        data = reader.get_metrics_data()
+        points = [
+            p.value
+            for r in (data.resource_metrics if data else [])
+            for sm in r.scope_metrics
+            for m in sm.metrics
+            if m.name == "upstream_guard.coalesced"
+            for p in m.data.data_points
+        ]
+        return int(sum(points))
+
+    before = saved()
+    await herd_of(6, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)
+    logical = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "spotify_api GET /v1/playlists/{playlist_id}"
+    ]
+    flags = sorted(bool((s.attributes or {}).get("upstream_guard.coalesced")) for s in logical)
+    assert flags == [False] + [True] * 5
+    assert saved() - before == 5
+
+
+async def test_streaming_callers_get_whole_bodies(herd, herd_url, clock):
+    """httpx ``stream()`` callers coalesce too: each reads the whole body from its own stream."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    client = httpx.AsyncClient(transport=guard.async_transport())
+
+    async def streamed() -> bytes:
+        async with client.stream("GET", herd_url + PLAYLIST, headers=AUTH) as response:
+            return b"".join([chunk async for chunk in response.aiter_bytes()])
+
+    bodies = await herd_of(5, streamed, herd, guard)
+    assert herd.total == 1
+    assert len(set(bodies)) == 1
+    assert b'"who"' in bodies[0]
+
+
+async def test_a_requests_leader_that_streams_is_never_read_for_others(herd, herd_url, clock):
+    """requests with ``stream=True`` leads: its body is left to it; followers call themselves."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    session = guard.requests_session()
+    streaming = partial(session.get, herd_url + PLAYLIST, headers=AUTH, stream=True, timeout=10)
+    herd.hold()
+    leader = None
+    results: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def lead() -> None:
+            nonlocal leader
+            leader = await anyio.to_thread.run_sync(streaming)
+
+        async def follow() -> None:
+            results.append(await client_get("httpx", guard)(herd_url + PLAYLIST, headers=AUTH))
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+        for _ in range(3):
+            tg.start_soon(follow)
+        await until(lambda: waiting(guard) == 3)
+        herd.release()
+    assert leader is not None
+    assert leader.raw.read()  # the leader's stream is whole and unread
+    assert herd.total == 4
+    assert [r.status_code for r in results] == [200] * 3
