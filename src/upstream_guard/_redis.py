@@ -25,25 +25,72 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("upstream_guard")
 
-# KEYS: per breaker (hash, probe leases); then per upstream (cooldown).
-# ARGV: worker, lease ttl ms, breakers, cooldowns; 10 per breaker; 1 per cooldown.
+# KEYS: per upstream (cooldown, isolated, reset, workers); then per breaker (hash, probe
+# leases, its upstream's reset and breaker index).
+# ARGV: worker, lease ttl ms, breakers, upstreams, forget ms; 4 per upstream; 10 per breaker.
 SYNC_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local worker, ttl = ARGV[1], tonumber(ARGV[2])
-local nb, nc = tonumber(ARGV[3]), tonumber(ARGV[4])
+local nb, nc, forget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {now}
-local a = 5
+local a = 6
+for k = 0, nc - 1 do
+  local key, ikey, rkey, wkey = KEYS[4 * k + 1], KEYS[4 * k + 2], KEYS[4 * k + 3], KEYS[4 * k + 4]
+  local incoming, isolated = tonumber(ARGV[a]), ARGV[a + 1]
+  local seen, reset_req = tonumber(ARGV[a + 2]), ARGV[a + 3]
+  a = a + 4
+  local until_ms = tonumber(redis.call('GET', key) or '0')
+  if incoming > 0 and now + incoming > until_ms then
+    until_ms = now + incoming
+    redis.call('SET', key, until_ms, 'PX', incoming)
+  end
+  -- Manual control: a reset is a generation (a time in ms) every worker applies once;
+  -- isolation is a key that only a reset removes.
+  local gen = tonumber(redis.call('GET', rkey) or '0')
+  if seen < 0 then seen = gen end  -- a worker's first sync: earlier resets are not news
+  if reset_req == '1' then
+    gen = math.max(now, gen + 1)
+    redis.call('SET', rkey, gen)
+    redis.call('DEL', ikey)
+    seen = gen
+  elseif gen < seen then
+    -- Redis forgot (restart, eviction): this worker's view is the newer one.
+    gen = seen
+    redis.call('SET', rkey, gen)
+  end
+  if isolated == '1' and gen <= seen and redis.call('EXISTS', ikey) == 0 then
+    redis.call('SET', ikey, now)
+  end
+  redis.call('ZADD', wkey, now, worker)
+  redis.call('ZREMRANGEBYSCORE', wkey, '-inf', now - forget)
+  redis.call('PEXPIRE', wkey, forget)
+  table.insert(out, math.max(0, until_ms - now))
+  table.insert(out, redis.call('EXISTS', ikey))
+  table.insert(out, gen)
+end
 for i = 0, nb - 1 do
-  local h, z = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local h, z = KEYS[4 * nc + 4 * i + 1], KEYS[4 * nc + 4 * i + 2]
+  local rkey, index = KEYS[4 * nc + 4 * i + 3], KEYS[4 * nc + 4 * i + 4]
   local delta, success, event = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   local eepoch, lstate, lage = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
   local fail_max, reset = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local want, max_probes = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
   a = a + 10
-  local v = redis.call('HMGET', h, 'state', 'epoch', 'opened_at', 'failures')
+  local v = redis.call('HMGET', h, 'state', 'epoch', 'opened_at', 'failures', 'reset')
   local state, epoch = v[1] or 'closed', tonumber(v[2] or '0')
   local opened, failures = tonumber(v[3] or '0'), tonumber(v[4] or '0')
+  local rgen = tonumber(redis.call('GET', rkey) or '0')
+  if tonumber(v[5] or '0') < rgen then
+    if v[2] then
+      -- The first sync since a reset: closed, counters cleared; news from before it is old.
+      state, epoch, failures = 'closed', epoch + 1, 0
+      delta, success, event = 0, '0', ''
+      redis.call('HSET', h, 'failures_total', 0, 'trips', 0)
+      redis.call('DEL', z)
+    end
+    redis.call('HSET', h, 'reset', rgen)
+  end
   if eepoch > epoch then
     -- Redis forgot this breaker (restart, eviction): the worker's view is the newer one.
     epoch, failures = eepoch, 0
@@ -75,24 +122,53 @@ for i = 0, nb - 1 do
     for j = 1, granted do redis.call('ZADD', z, now + ttl, worker .. ':' .. j) end
     redis.call('PEXPIRE', z, ttl)
   end
-  redis.call('HSET', h, 'state', state, 'epoch', epoch, 'opened_at', opened, 'failures', failures)
+  redis.call('HSET', h, 'state', state, 'epoch', epoch, 'opened_at', opened, 'failures', failures,
+    'reset_ms', reset)
+  redis.call('SADD', index, h)
   table.insert(out, state)
   table.insert(out, epoch)
   table.insert(out, now - opened)
   table.insert(out, granted)
 end
-for k = 0, nc - 1 do
-  local key = KEYS[2 * nb + k + 1]
-  local incoming = tonumber(ARGV[a + k])
-  local until_ms = tonumber(redis.call('GET', key) or '0')
-  if incoming > 0 and now + incoming > until_ms then
-    until_ms = now + incoming
-    redis.call('SET', key, until_ms, 'PX', incoming)
-  end
-  table.insert(out, math.max(0, until_ms - now))
-end
 return out
 """
+
+RESET_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gen = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') + 1)
+redis.call('SET', KEYS[1], gen)
+redis.call('DEL', KEYS[2])
+return gen
+"""
+"""KEYS: an upstream's reset and isolated keys. Workers apply the new reset at their next sync."""
+
+ISOLATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], now, 'NX')
+return now
+"""
+"""KEYS: an upstream's isolated key. Workers isolate the upstream at their next sync."""
+
+
+def breaker_key(prefix: str, breaker: str) -> str:
+    """The hash holding one breaker's shared state."""
+    return f"{prefix}:breaker:{breaker}"
+
+
+def cooldown_key(prefix: str, upstream: str) -> str:
+    """The key holding an upstream's shared 429 cooldown (its end, in Redis ms)."""
+    return f"{prefix}:cooldown:{upstream}"
+
+
+def upstream_key(prefix: str, upstream: str, what: str) -> str:
+    """An upstream's key, hash-tagged so that all of one upstream's keys share a cluster slot.
+
+    ``what``: ``isolated`` (set while isolated), ``reset`` (the last reset's generation),
+    ``workers`` (sorted set: worker -> last sync, ms), ``breakers`` (set of breaker hashes).
+    """
+    return f"{{{prefix}:{upstream}}}:{what}"
 
 
 class SharedState:
@@ -106,6 +182,8 @@ class SharedState:
         self._interval_s = interval_s
         self._timeout_s = max(0.05, min(1.0, interval_s * 2))
         self._lease_ms = int(max(1.0, interval_s * 5) * 1000)
+        # A worker not heard from for this long is no longer listed as seen.
+        self._forget_ms = int(max(10.0, interval_s * 20) * 1000)
         self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -207,18 +285,42 @@ class SharedState:
 
     async def sync_once(self, script: Any) -> None:
         """One round trip: send every breaker's and cooldown's news, adopt the shared view."""
-        breakers: list[Breaker] = []
+        prefix = self._prefix
+        upstreams = list(self._guard.upstreams.values())
         keys: list[str] = []
-        args: list[Any] = [self._worker, self._lease_ms, 0, 0]
+        args: list[Any] = [self._worker, self._lease_ms, 0, len(upstreams), self._forget_ms]
+        now = self._guard.clock.monotonic()
+        requested: list[bool] = []
+        for rt in upstreams:
+            asked, rt.reset_requested = rt.reset_requested, False
+            requested.append(asked)
+            keys += [
+                cooldown_key(prefix, rt.name),
+                upstream_key(prefix, rt.name, "isolated"),
+                upstream_key(prefix, rt.name, "reset"),
+                upstream_key(prefix, rt.name, "workers"),
+            ]
+            args += [
+                int(rt.cooldown.remaining(now) * 1000),
+                int(rt.isolated),
+                rt.reset_seen,
+                int(asked),
+            ]
+        breakers: list[Breaker] = []
         reports: list[BreakerReport] = []
-        for rt in list(self._guard.upstreams.values()):
+        for rt in upstreams:
             for breaker in list(rt.breakers.values()):
                 report = breaker.take_report()
                 s = breaker.settings
                 breakers.append(breaker)
                 reports.append(report)
-                key = f"{self._prefix}:breaker:{breaker.name}"
-                keys += [key, f"{key}:probes"]
+                key = breaker_key(prefix, breaker.name)
+                keys += [
+                    key,
+                    f"{key}:probes",
+                    upstream_key(prefix, rt.name, "reset"),
+                    upstream_key(prefix, rt.name, "breakers"),
+                ]
                 args += [
                     report.failures,
                     int(report.success),
@@ -231,18 +333,15 @@ class SharedState:
                     report.want_probes,
                     s.half_open_max_calls,
                 ]
-        upstreams = list(self._guard.upstreams.values())
-        now = self._guard.clock.monotonic()
-        for rt in upstreams:
-            keys.append(f"{self._prefix}:cooldown:{rt.name}")
-            args.append(int(rt.cooldown.remaining(now) * 1000))
-        args[2], args[3] = len(breakers), len(upstreams)
+        args[2] = len(breakers)
         try:
             result = await script(keys=keys, args=args)
         except Exception as exc:  # noqa: BLE001 - any Redis trouble means: local state only
             for breaker, report in zip(breakers, reports, strict=True):
                 breaker.give_back(report)
                 breaker.probe_allowance = breaker.settings.half_open_max_calls  # local rules
+            for rt, asked in zip(upstreams, requested, strict=True):
+                rt.reset_requested = rt.reset_requested or asked  # sent with the next one
             self.failed_round_trips += 1
             if self.status != "degraded":
                 log.warning(
@@ -256,21 +355,33 @@ class SharedState:
         if self.status == "degraded":
             log.warning("upstream_guard: Redis is back; sharing state again")
         self.status = "ok"
-        self._adopt(result, breakers, upstreams)
+        self._adopt(result, breakers, upstreams, requested)
 
-    def _adopt(self, result: list[Any], breakers: list[Breaker], upstreams: list[Any]) -> None:
+    def _adopt(
+        self,
+        result: list[Any],
+        breakers: list[Breaker],
+        upstreams: list[Any],
+        requested: list[bool],
+    ) -> None:
         values = [v.decode() if isinstance(v, bytes) else v for v in result]
         i = 1
+        now = self._guard.clock.monotonic()
+        for rt, asked in zip(upstreams, requested, strict=True):
+            remaining_ms, isolated, generation = (int(v) for v in values[i : i + 3])
+            i += 3
+            if remaining_ms > 0:
+                rt.cooldown.adopt(now, remaining_ms / 1000)
+            if generation > rt.reset_seen:
+                if not asked and rt.reset_seen >= 0:  # a reset made elsewhere, since we synced
+                    rt.reset()
+                rt.reset_seen = generation
+            if isolated and not rt.isolated:
+                rt.isolate()
         for breaker in breakers:
             state, epoch, age_ms, granted = values[i : i + 4]
             i += 4
             breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
-        now = self._guard.clock.monotonic()
-        for rt in upstreams:
-            remaining_ms = int(values[i])
-            i += 1
-            if remaining_ms > 0:
-                rt.cooldown.adopt(now, remaining_ms / 1000)
 
 
 def _safe_url(url: str) -> str:
