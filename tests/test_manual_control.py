@@ -60,6 +60,8 @@ def test_isolate_refuses_every_call_until_reset(sim, sim_url, clock):
     )
     events: list[CallEvent] = []
     guard.subscribe(events.append)
+    changes: list[tuple[str, str, str]] = []
+    guard.state_hooks.append(lambda *change: changes.append(change))
     sim.set_fault(Fault.no_healthy_upstream())
     assert get(guard, f"{sim_url}/v1/me").status_code == 503
     assert guard.snapshot()["upstreams"]["spotify_api"]["failures"] == 1
@@ -85,6 +87,7 @@ def test_isolate_refuses_every_call_until_reset(sim, sim_url, clock):
 
     guard.reset("spotify_api")
     assert guard.state("spotify_api") == "closed"
+    assert changes == [("spotify_api", "closed", "isolated"), ("spotify_api", "isolated", "closed")]
     upstream = guard.snapshot()["upstreams"]["spotify_api"]
     assert (upstream["failures"], upstream["consecutive_failures"], upstream["isolated"]) == (
         0,

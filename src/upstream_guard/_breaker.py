@@ -354,16 +354,16 @@ class Breaker:
         """Follow pybreaker's transitions (its listener calls this)."""
         # Runs inside pybreaker's call, under our lock: no locking here.
         self.generation += 1
-        if self.isolated:  # forced from outside (shared state): isolation still holds
-            old, new = ISOLATED, ISOLATED
-        self.current = new
+        if self.isolated:  # forced underneath (force_open, say): isolation still holds
+            return
+        old, self.current = self.current, new  # ours: ``isolated`` when a reset lifts it
         self._probes = 0
         self._dirty = self._cb.fail_counter > 0
         if new == OPEN:
             self._opened_at = self._clock.monotonic()
         elif new == CLOSED:
             self._window.clear()
-        if not self._adopting and new not in (HALF_OPEN, ISOLATED):
+        if not self._adopting and new != HALF_OPEN:
             self.event = "open" if new == OPEN else "close"
             self.event_epoch = self.epoch
         for hook in self._hooks:
@@ -379,7 +379,8 @@ class Breaker:
                 success=self.unsynced_success,
                 event=self.event,
                 event_epoch=self.event_epoch if self.event else self.epoch,
-                state=OPEN if self._cb.current_state == OPEN else CLOSED,
+                # Isolation is shared through a key of its own; the episode goes on below it.
+                state=self._cb.current_state if self.isolated else self.current,
                 open_age_s=max(0.0, self._clock.monotonic() - self._opened_at),
                 want_probes=min(
                     self.settings.half_open_max_calls,
