@@ -452,3 +452,48 @@ def test_timeline_shows_an_outage_and_nothing_overflows(sim, sim_url, sync_playw
     for name, shot in shots.items():
         shutil.copyfile(shot, f"/tmp/dashboard-{name}.png")  # noqa: S108 - a fixed path, for review
     assert problems == []
+
+
+@pytest.mark.usefixtures("dashboard_env")
+def test_timeline_counts_outcomes_per_second_and_state_bands(sim, sim_url):
+    """Per second: live, failed, refused and fallback counts; bands closed -> open -> isolated -> closed."""
+    clock = FakeClock(start=1_000.0, wall_start=1_800_000_000.0)
+    app = build_app(sim_url)
+    settings = make_settings(
+        sim_url, breaker={"fail_max": 2, "reset_timeout_s": 600}, retry={"attempts": 1}
+    )
+    guard = install(app, settings, clock=clock)
+    with client_for(app) as client:
+        clock.advance(10)
+        for _ in range(3):
+            assert client.get(f"/tracks/{TRACK}").status_code == 200
+        clock.advance(1)
+        sim.set_fault(Fault.no_healthy_upstream())
+        for _ in range(3):  # failed, failed (opens), refused: each answered by the 503 problem
+            assert client.get(f"/tracks/{TRACK}").status_code == 503
+        clock.advance(5)
+        guard.isolate("spotify_api")
+        clock.advance(2)
+        guard.reset("spotify_api")
+        clock.advance(1)
+        line = client.get(DATA, headers=bearer()).json()["upstreams"]["spotify_api"]["timeline"]
+        accounts = client.get(DATA, headers=bearer()).json()["upstreams"]["spotify_accounts"][
+            "timeline"
+        ]
+    start = 1_800_000_000
+    assert line["series"] == ["live", "stale", "fallback", "refused", "failed"]
+    assert line["window_s"] == 180
+    assert line["now"] == start + 19
+    assert line["seconds"] == [[start + 10, 3, 0, 0, 0, 0], [start + 11, 0, 0, 3, 1, 2]]
+    assert [(b["from"] - start, b["to"] - start, b["state"]) for b in line["bands"]] == [
+        (0, 11, "closed"),
+        (11, 16, "open"),
+        (16, 18, "isolated"),
+        (18, 19, "closed"),
+    ]
+    assert accounts["seconds"] == []
+    assert [b["state"] for b in accounts["bands"]] == ["closed"]
+    clock.advance(200)  # past the window: the old seconds and bands fall out
+    later = timeline(guard).data("spotify_api")
+    assert later["seconds"] == []
+    assert [(b["from"] - start, b["state"]) for b in later["bands"]] == [(39, "closed")]
