@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ def test_fleet_isolate_reset_with_two_workers_and_a_restart(redis_url):
     with serve(sim) as sim_url:
         workers = Workers(2, sim_url, redis_url)
         try:
-            workers.wait_ready()
+            old_pids = workers.wait_ready()
             status = json.loads(run("status", "--redis", redis_url, "--json").stdout)
             api = status["upstreams"]["spotify_api"]
             assert (api["state"], api["isolated"], len(api["workers"])) == ("closed", False, 2)
@@ -208,22 +209,31 @@ def test_fleet_isolate_reset_with_two_workers_and_a_restart(redis_url):
             row = next(r.split() for r in rows if r.startswith("spotify_api "))
             assert row[1:3] == ["isolated", "for"]
             assert row[row.index("for") + 2 :][3] == "2"  # workers seen
-        finally:
-            workers.stop()
 
-        workers = Workers(1, sim_url, redis_url)  # a worker restarts: isolation holds
-        try:
-            workers.wait_ready()
+            # Both workers crash; uvicorn starts new ones, isolated from their first sync.
+            for pid in old_pids:
+                os.kill(int(pid), signal.SIGKILL)
+            new_pids: set[str] = set()
+            deadline = time.monotonic() + 60
+            while len(new_pids) < 2 and time.monotonic() < deadline:
+                answer = workers.get_safe()
+                if answer is not None and answer.headers["x-pid"] not in old_pids:
+                    new_pids.add(answer.headers["x-pid"])
+            assert len(new_pids) == 2, "the workers did not restart"
             time.sleep(0.5)  # sleep-ok: the new workers' first syncs
             hits = sim.total_hits
-            answers = [workers.get() for _ in range(4)]
+            answers = workers.answers_from_all(8, until=time.monotonic() + 10)
             assert all("(isolated)" in a.json()["detail"] for a in answers)
+            assert {a.headers["x-pid"] for a in answers} == new_pids
             assert sim.total_hits == hits
 
             reset = run("reset", "spotify_api", "--redis", redis_url)
             assert reset.returncode == 0, reset.stderr
             assert eventually(lambda: workers.get().status_code == 200)
-            assert [workers.get().status_code for _ in range(4)] == [200] * 4
+            time.sleep(0.3)  # sleep-ok: every worker's next sync
+            answers = workers.answers_from_all(8, until=time.monotonic() + 10)
+            assert [a.status_code for a in answers] == [200] * len(answers)
+            assert len({a.headers["x-pid"] for a in answers}) == 2
             status = json.loads(run("status", "--redis", redis_url, "--json").stdout)
             assert status["upstreams"]["spotify_api"]["state"] == "closed"
             assert status["upstreams"]["spotify_api"]["isolated"] is False
