@@ -59,14 +59,16 @@ for k = 0, nc - 1 do
     gen = seen
     redis.call('SET', rkey, gen)
   end
-  if isolated == '1' and gen <= seen and redis.call('EXISTS', ikey) == 0 then
+  local is_isolated = redis.call('EXISTS', ikey)
+  if isolated == '1' and gen <= seen and is_isolated == 0 then
     redis.call('SET', ikey, now)
+    is_isolated = 1
   end
   redis.call('ZADD', wkey, now, worker)
   redis.call('ZREMRANGEBYSCORE', wkey, '-inf', now - forget)
   redis.call('PEXPIRE', wkey, forget)
   table.insert(out, math.max(0, until_ms - now))
-  table.insert(out, redis.call('EXISTS', ikey))
+  table.insert(out, is_isolated)
   table.insert(out, gen)
 end
 for i = 0, nb - 1 do
