@@ -4,22 +4,22 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint bench demo clean
+.PHONY: test lint bench demo docs dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,demo,docs]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples checks
-	$(BIN)/ruff format --check src tests benchmarks examples checks
+	$(BIN)/ruff check src tests benchmarks examples checks docs/hooks.py
+	$(BIN)/ruff format --check src tests benchmarks examples checks docs/hooks.py
 	$(BIN)/mypy --strict tests/typing
 	$(BIN)/mypy --strict src
 
@@ -37,5 +37,16 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# The documentation site, into site/ (open site/index.html, or `$(BIN)/mkdocs serve`).
+docs: $(STAMP)
+	$(BIN)/python -m upstream_guard._docs --check docs/settings.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The wheel and the sdist, into dist/, checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation
+	$(BIN)/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site dist

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import importlib.util
 import math
 import os
@@ -695,6 +696,55 @@ def flush_telemetry() -> None:
             flush()
 
 
+SPOTIFYAIO_CHECK = (
+    "spotifyaio route /me (aiohttp, https://api.spotify.com hard-coded): healthy 200, "
+    "then 503 problem+json, not 500, when Spotify has no healthy upstream"
+)
+
+
+def aiohttp_adapter_present() -> bool:
+    """Whether this upstream_guard guards aiohttp and can intercept its calls to Spotify."""
+    if importlib.util.find_spec("upstream_guard._aiohttp") is None:
+        return False
+    module = importlib.import_module("upstream_guard._aiohttp")
+    return hasattr(module, "intercepting")
+
+
+def check_spotifyaio_route(make_app: Callable[..., Any]) -> tuple[list[str], list[Check]]:
+    """The guarded copy's /me route, which spotifyaio cannot point anywhere but Spotify.
+
+    Spotify's real hosts are answered by a simulator through ``SpotifySimulator.intercept()``
+    (one more loopback server); the route is asked once healthy and once while Spotify
+    answers "no healthy upstream", with stale copies off. Without the aiohttp adapter nothing
+    is sent (spotifyaio would call the real Spotify) and the check is reported missing.
+    """
+    if not aiohttp_adapter_present():
+        missing = (
+            "spotifyaio /me: not run: this upstream_guard has no aiohttp adapter "
+            "(upstream_guard._aiohttp.intercepting)"
+        )
+        return [missing], [(SPOTIFYAIO_CHECK, False)]
+    # Stale copies off: spotifyaio hides the guard's stale marker, and the 503 is the point.
+    no_stale = {**GUARD_SETTINGS, "fallback": {"stale_if_error": False}}
+    app = make_app(GuardSettings(upstreams={UPSTREAM: no_stale}), guarded=True)
+    with (
+        SpotifySimulator().intercept() as spotify,
+        serve(app, log_level="critical") as url,
+        httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S * 2) as client,
+    ):
+        healthy = client.get("/me")
+        spotify.set_fault(Fault.no_healthy_upstream())
+        outage = client.get("/me")
+    problem = outage.headers.get("content-type") == "application/problem+json"
+    line = (
+        "spotifyaio /me through SpotifySimulator.intercept(): "
+        f"healthy {healthy.status_code}, no healthy upstream {outage.status_code} "
+        f"{outage.headers.get('content-type', '-')}"
+    )
+    ok = healthy.status_code == 200 and outage.status_code == 503 and problem
+    return [line], [(SPOTIFYAIO_CHECK, ok)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; the exit status says whether it showed everything it should."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -728,6 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(demo.run(None))
             console.print(demo.render())
     lines, checks = demo.summary()
+    aio_lines, aio_checks = check_spotifyaio_route(app_module.create_app)
+    lines, checks = [*lines, *aio_lines], [*checks, *aio_checks]
     if otel:
         flush_telemetry()
     print("\n".join(lines))  # plain text on purpose: it should read the same in a CI log

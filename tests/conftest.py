@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from upstream_guard import GuardSettings
-from upstream_guard.testing import FakeClock, RedisServer, SpotifySimulator, serve
+from upstream_guard.testing import (
+    FakeClock,
+    RedisClusterServer,
+    RedisServer,
+    SpotifySimulator,
+    serve,
+)
+
+# The browser tests drive Debian's chromium through playwright, which never downloads one.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +87,22 @@ def make_settings(url: str, **groups: Any) -> GuardSettings:
     """Settings whose spotify_api upstream is the server at ``url``, with group overrides."""
     hostport = url.split("://", 1)[1].rstrip("/")
     return GuardSettings(upstreams={"spotify_api": {"hosts": [hostport], **groups}})
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A real 3-node Redis Cluster on loopback for the whole run (about 2 s to start)."""
+    cluster = RedisClusterServer()
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def sync_playwright() -> Any:
+    """Playwright's sync API, or a skip naming what is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser test needs {CHROMIUM} (Debian: apt-get install chromium)")
+    return pytest.importorskip(
+        "playwright.sync_api", reason="browser test needs the playwright package"
+    )

@@ -377,6 +377,38 @@ def test_redis_url_that_redis_cannot_parse_is_refused(url):
         GuardSettings(redis_url=url)
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
+        ("redis+cluster:///0", "needs a host"),
+        ("unix+cluster:///tmp/redis.sock", "redis+cluster://"),
+        ("redis+cluster://127.0.0.1:99999", "not a URL"),
+    ],
+)
+def test_cluster_redis_url_mistakes_are_explained(url, words):
+    """A redis+cluster:// URL the cluster client cannot use is refused with the reason."""
+    with pytest.raises(SettingsError, match="UPSTREAM_GUARD_REDIS_URL") as info:
+        GuardSettings(redis_url=url)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://127.0.0.1:7000", "rediss+cluster://u:p@node1:6380/0"]
+)
+def test_cluster_redis_urls_are_accepted(url):
+    """redis+cluster:// and rediss+cluster:// name a cluster by any one of its nodes."""
+    assert GuardSettings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize("prefix", ["{app}", "app}", "a{b"])
+def test_redis_prefix_with_braces_is_refused(prefix):
+    """Braces in redis_prefix would break the guard's own hash tags: a clear error instead."""
+    with pytest.raises(SettingsError, match="UPSTREAM_GUARD_REDIS_PREFIX") as info:
+        GuardSettings(redis_prefix=prefix)
+    assert "hash tag" in str(info.value)
+
+
 @pytest.mark.parametrize("host", ["[::1]:0", "[::1]:99999", "[]"])
 def test_bracketed_ipv6_hosts_get_the_same_checks(host):
     """'[v6]:port' is checked like 'host:port': port 1-65535, a non-empty address."""

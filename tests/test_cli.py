@@ -320,3 +320,23 @@ def test_simulate_on_a_port_in_use_is_one_line():
     with serve(SpotifySimulator()) as url:
         port = url.rsplit(":", 1)[1]
         one_line_error(run("simulate", "--port", port), 1, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_commands_on_a_redis_cluster(sim, sim_url, redis_cluster, capsys):
+    """status, isolate and reset take the guard's redis+cluster:// URL too."""
+    client = redis_cluster.client()
+    client.flushall()
+    settings = make_settings(sim_url).model_copy(update={"redis_url": redis_cluster.url})
+    guard = Guard(settings)
+    guard.shared.sync_now()  # type: ignore[union-attr]
+    assert main(["isolate", "spotify_api", "--redis", redis_cluster.url]) == 0
+    guard.shared.sync_now()  # type: ignore[union-attr]
+    assert guard.state("spotify_api") == "isolated"
+    capsys.readouterr()
+    assert main(["status", "--redis", redis_cluster.url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["upstreams"]["spotify_api"]["state"] == "isolated"
+    assert len(status["upstreams"]["spotify_api"]["workers"]) == 1
+    assert main(["reset", "spotify_api", "--redis", redis_cluster.url]) == 0
+    guard.shared.sync_now()  # type: ignore[union-attr]
+    assert guard.state("spotify_api") == "closed"

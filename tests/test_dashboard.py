@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from conftest import make_settings
+from conftest import CHROMIUM, CHROMIUM_ARGS, make_settings
 from upstream_guard import (
     CallEvent,
     GuardSettings,
@@ -29,17 +29,6 @@ DASHBOARD = "/_upstream_guard/dashboard"
 DATA = f"{DASHBOARD}/data"
 TOKEN = "dash-t0ken"  # noqa: S105 - a test token
 TRACK = "3n3Ppam7vgaVa1iaRUc9Lp"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture
@@ -273,16 +262,6 @@ def test_percentile_nearest_rank():
     assert percentile(values, 0.99) == 99.0
     assert percentile([7.0], 0.99) == 7.0
     assert percentile([], 0.5) is None
-
-
-@pytest.fixture
-def sync_playwright() -> Any:
-    """Playwright's sync API, or a skip naming what is missing."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser test needs {CHROMIUM} (Debian: apt-get install chromium)")
-    return pytest.importorskip(
-        "playwright.sync_api", reason="browser test needs the playwright package"
-    )
 
 
 @pytest.mark.usefixtures("dashboard_env")

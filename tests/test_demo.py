@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from conftest import make_settings
-from upstream_guard.testing import Fault
+from upstream_guard import GuardSettings
+from upstream_guard.testing import Fault, SpotifySimulator
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYLIST = "37i9dQZF1DXcBWIGoYBM5M"
@@ -169,3 +171,54 @@ def test_demo_sends_each_route_and_reads_the_guard_headers(demo):
         "500 ms",
         "3.00 s",
     ]
+
+
+def _aiohttp_hook_present() -> bool:
+    if importlib.util.find_spec("upstream_guard._aiohttp") is None:
+        return False
+    return hasattr(importlib.import_module("upstream_guard._aiohttp"), "intercepting")
+
+
+needs_aiohttp_hook = pytest.mark.skipif(
+    not _aiohttp_hook_present(),
+    reason="upstream_guard._aiohttp.intercepting lands with the aiohttp adapter (issue 13)",
+)
+
+
+@needs_aiohttp_hook
+def test_me_route_through_spotifyaio_is_guarded(example, clock):
+    """/me (spotifyaio, https://api.spotify.com hard-coded) answers, then 503 problem in an outage.
+
+    aiohttp runs on asyncio only, so this route is not tested on trio.
+    """
+    settings = GuardSettings(upstreams={"spotify_api": {"retry": {"attempts": 1}}})
+    app = example.create_app(settings, clock=clock)
+    with SpotifySimulator().intercept() as spotify, TestClient(app, backend="asyncio") as client:
+        me = client.get("/me", headers={"authorization": "Bearer listener-token"})
+        assert me.status_code == 200
+        assert me.json()["name"] == "Simulated User"
+        spotify.set_fault(Fault.no_healthy_upstream())
+        outage = client.get("/me")
+    assert outage.status_code == 503
+    assert outage.headers["content-type"] == "application/problem+json"
+    assert outage.json()["upstream"] == "spotify_api"
+
+
+@needs_aiohttp_hook
+def test_demo_spotifyaio_check_passes_with_the_adapter(demo, example):
+    """The demo's spotifyaio check sees 200 then a 503 problem, and says so."""
+    lines, checks = demo.check_spotifyaio_route(example.create_app)
+    assert checks == [(demo.SPOTIFYAIO_CHECK, True)]
+    assert "healthy 200, no healthy upstream 503 application/problem+json" in lines[0]
+
+
+def test_demo_spotifyaio_check_is_missing_without_the_adapter(demo, example, monkeypatch):
+    """Without the aiohttp adapter the check is reported missing and spotifyaio is not called."""
+    monkeypatch.setattr(demo, "aiohttp_adapter_present", lambda: False)
+
+    def no_app(*args, **kwargs):
+        raise AssertionError("no app is built, so spotifyaio never calls the real Spotify")
+
+    lines, checks = demo.check_spotifyaio_route(no_app)
+    assert checks == [(demo.SPOTIFYAIO_CHECK, False)]
+    assert "not run" in lines[0]

@@ -1,4 +1,4 @@
-"""The settings reference: generated from the models, and the one README.md shows."""
+"""The settings reference: generated from the models, and the one docs/settings.md shows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from upstream_guard import GuardSettings, UpstreamSettings
 from upstream_guard._docs import END, NAME, START, main, replace_reference, settings_reference
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 ENV_VAR = re.compile(r"`(UPSTREAM_GUARD_[A-Z0-9_<>]+)`")
 
 
@@ -23,14 +23,15 @@ def _groups() -> list[tuple[str, type[BaseModel]]]:
     ]
 
 
-def test_readme_holds_the_generated_reference():
-    """README.md has exactly the generated reference between its markers."""
-    text = README.read_text(encoding="utf-8")
+def test_settings_page_holds_the_generated_reference():
+    """docs/settings.md has exactly the generated reference between its markers."""
+    text = SETTINGS_PAGE.read_text(encoding="utf-8")
     assert text.count(START) == 1
     assert text.count(END) == 1
     between = text[text.index(START) + len(START) : text.index(END)]
     assert between == "\n" + settings_reference(), (
-        "README.md is out of date: run python -m upstream_guard._docs --write README.md"
+        "docs/settings.md is out of date: run "
+        "python -m upstream_guard._docs --write docs/settings.md"
     )
 
 

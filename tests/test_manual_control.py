@@ -15,19 +15,28 @@ from upstream_guard import CallEvent, CircuitOpenError, Guard, GuardSettings, in
 from upstream_guard._fleet import FleetError, fleet_status
 from upstream_guard._fleet import isolate as fleet_isolate
 from upstream_guard._fleet import reset as fleet_reset
-from upstream_guard.testing import FakeClock, Fault, RedisServer
+from upstream_guard.testing import FakeClock, Fault
 
 pytestmark = pytest.mark.anyio
 HEALTH = "/_upstream_guard/health"
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A clean database on the shared server."""
-    client = redis_server.client()
+@pytest.fixture(params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> Any:
+    """One Redis server or a 3-node Redis Cluster, emptied."""
+    server = request.getfixturevalue(
+        "redis_server" if request.param == "single" else "redis_cluster"
+    )
+    client = server.client()
     client.flushall()
     client.close()
-    return redis_server.url
+    return server
+
+
+@pytest.fixture
+def redis_url(shared_redis: Any) -> str:
+    """The guard's redis_url: redis:// or redis+cluster://."""
+    return str(shared_redis.url)
 
 
 def shared(url: str, redis_url: str, **groups: Any) -> GuardSettings:
@@ -195,7 +204,7 @@ async def test_span_shows_isolation(sim, sim_url, clock):
 # -- through Redis -----------------------------------------------------------------------------
 
 
-def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_url, redis_server):
+def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_url, shared_redis):
     """One guard's isolate and reset reach another at its next sync; a new guard starts isolated."""
     settings = shared(sim_url, redis_url, breaker={"fail_max": 3}, retry={"attempts": 1})
     a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
@@ -208,7 +217,7 @@ def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_u
 
     a.isolate("spotify_api")
     a.shared.sync_now()
-    assert redis_server.client().exists("{upstream_guard:spotify_api}:isolated") == 1
+    assert shared_redis.client().exists("{upstream_guard:spotify_api}:isolated") == 1
     b.shared.sync_now()
     assert b.state("spotify_api") == "isolated"
     with pytest.raises(CircuitOpenError, match="isolated"):
@@ -225,14 +234,14 @@ def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_u
         guard.shared.sync_now()  # type: ignore[union-attr]
         assert guard.state("spotify_api") == "closed"
         assert get(guard, f"{sim_url}/v1/me").status_code == 200
-    assert redis_server.client().exists("{upstream_guard:spotify_api}:isolated") == 0
+    assert shared_redis.client().exists("{upstream_guard:spotify_api}:isolated") == 0
     (api,) = [
-        u for u in fleet_status(redis_server.client(), "upstream_guard") if u.name == "spotify_api"
+        u for u in fleet_status(shared_redis.client(), "upstream_guard") if u.name == "spotify_api"
     ]
     assert (api.state, api.failures, api.isolated) == ("closed", 0, False)
 
 
-def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_url, redis_server):
+def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_url, shared_redis):
     """The command's reset (Redis only) closes a fleet-wide open breaker and clears its counts."""
     settings = shared(sim_url, redis_url, breaker={"fail_max": 2}, retry={"attempts": 1})
     a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
@@ -242,7 +251,7 @@ def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_
     a.shared.sync_now()  # type: ignore[union-attr]
     b.shared.sync_now()  # type: ignore[union-attr]
     assert b.state("spotify_api") == "open"
-    client = redis_server.client()
+    client = shared_redis.client()
     (api,) = [u for u in fleet_status(client, "upstream_guard") if u.name == "spotify_api"]
     assert (api.state, api.failures, api.trips, len(api.workers)) == ("open", 2, 1, 2)
 
@@ -254,8 +263,8 @@ def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_
         guard.shared.sync_now()  # type: ignore[union-attr]
         assert guard.state("spotify_api") == "closed"
         assert guard.snapshot()["upstreams"]["spotify_api"]["failures"] == 0
-    assert client.hget("upstream_guard:breaker:spotify_api", "state") == "closed"
-    assert client.hget("upstream_guard:breaker:spotify_api", "failures_total") == "0"
+    assert client.hget("{upstream_guard:spotify_api}:breaker", "state") == "closed"
+    assert client.hget("{upstream_guard:spotify_api}:breaker", "failures_total") == "0"
     sim.set_fault(Fault.no_healthy_upstream())
     get(b, f"{sim_url}/v1/me")  # one failure after the reset does not re-open it
     b.shared.sync_now()  # type: ignore[union-attr]
@@ -272,13 +281,13 @@ def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_
         fleet_isolate(client, "upstream_guard", "nope")
 
 
-def test_isolation_survives_redis_forgetting_it(sim, sim_url, redis_url, redis_server):
+def test_isolation_survives_redis_forgetting_it(sim, sim_url, redis_url, shared_redis):
     """Redis restarted empty: an isolated worker writes its isolation back at its next sync."""
     settings = shared(sim_url, redis_url)
     a = Guard(settings, clock=FakeClock())
     a.isolate("spotify_api")
     a.shared.sync_now()  # type: ignore[union-attr]
-    redis_server.client().flushall()
+    shared_redis.client().flushall()
     a.shared.sync_now()  # type: ignore[union-attr]
     b = Guard(settings, clock=FakeClock())
     b.shared.sync_now()  # type: ignore[union-attr]

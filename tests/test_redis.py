@@ -1,4 +1,7 @@
-"""Shared state through a real redis-server: guards in one process and in several processes."""
+"""Shared state through real Redis: guards in one process and in several processes.
+
+Each test runs against a single redis-server and against a 3-node Redis Cluster.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import contextlib
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -14,16 +17,29 @@ import pytest
 
 from conftest import make_settings
 from upstream_guard import CircuitOpenError, Guard, GuardSettings, RateLimitedError
-from upstream_guard.testing import FakeClock, Fault, RedisServer
+from upstream_guard.testing import FakeClock, Fault, RedisClusterServer, RedisServer
+
+KEY = "{upstream_guard:spotify_api}:breaker"
+
+Redis = RedisServer | RedisClusterServer
+
+
+@pytest.fixture(params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> Redis:
+    """The shared single server or the shared cluster, emptied (the cluster starts on demand)."""
+    server: Redis = request.getfixturevalue(
+        "redis_server" if request.param == "single" else "redis_cluster"
+    )
+    client = server.client()
+    client.flushall()
+    client.close()
+    return server
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A clean database on the shared server."""
-    client = redis_server.client()
-    client.flushall()
-    client.close()
-    return redis_server.url
+def redis_url(shared_redis: Redis) -> str:
+    """The guard's redis_url for that Redis: redis:// or redis+cluster://."""
+    return shared_redis.url
 
 
 def shared_settings(url: str, redis_url: str, **groups) -> GuardSettings:
@@ -65,7 +81,7 @@ def test_a_trip_in_one_guard_refuses_in_another(sim, sim_url, redis_url):
     assert sim.total_hits == hits
 
 
-def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, redis_url):
+def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, shared_redis, redis_url):
     """Failures spread over workers trip the shared breaker, though none tripped alone."""
     settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 4}, retry={"attempts": 1})
     guards = [Guard(settings, clock=FakeClock()) for _ in range(4)]
@@ -79,17 +95,16 @@ def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, redis_url):
     for guard in guards:  # and the next sync tells everyone
         guard.shared.sync_now()  # type: ignore[union-attr]
     assert all(g.state("spotify_api") == "open" for g in guards)
-    stats = redis_client_stats(redis_url)
+    stats = breaker_stats(shared_redis)
     assert stats["failures_total"] == "4"
     assert stats["trips"] == "1"
 
 
-def redis_client_stats(redis_url: str) -> dict[str, str]:
-    import redis
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def breaker_stats(server: Redis) -> dict[str, str]:
+    """The shared breaker hash of spotify_api, as Redis holds it."""
+    client = server.client()
     try:
-        return client.hgetall("upstream_guard:breaker:spotify_api")
+        return dict(client.hgetall(KEY))
     finally:
         client.close()
 
@@ -144,39 +159,52 @@ def test_half_open_probes_are_bounded_across_guards(sim, sim_url, redis_url):
     assert all(g.state("spotify_api") == "closed" for g in guards)
 
 
-def test_redis_down_serves_locally_then_resumes(sim, sim_url, caplog):
-    """Redis killed: calls go on, health says degraded, one warning; restarted: news arrives."""
-    server = RedisServer()
-    server.start()
-    try:
-        settings = shared_settings(
-            sim_url, server.url, breaker={"fail_max": 100}, retry={"attempts": 1}
-        )
-        guard = Guard(settings, clock=FakeClock())
-        shared = guard.shared
-        assert shared is not None
-        shared.sync_now()
-        assert guard.snapshot()["shared_state"] == "ok"
-        server.kill()
-        sim.set_fault(Fault.json_5xx(500))
-        with caplog.at_level(logging.WARNING, logger="upstream_guard"):
-            for _ in range(3):
-                assert get(guard, f"{sim_url}/v1/me").status_code == 500
-                started = time.monotonic()
-                shared.sync_now()
-                assert time.monotonic() - started < 2
-        snapshot = guard.snapshot()
-        assert snapshot["shared_state"] == "degraded"
-        assert snapshot["status"] == "degraded"
-        warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
-        assert len(warnings) == 1
+@pytest.fixture(params=["single", "cluster"])
+def killable(request: pytest.FixtureRequest) -> Iterator[Redis]:
+    """A Redis the test may kill: its own server, or the shared cluster (restarted after)."""
+    if request.param == "single":
+        server = RedisServer()
         server.start()
-        shared.sync_now()
-        assert guard.snapshot()["shared_state"] == "ok"
-        stats = server.client().hgetall("upstream_guard:breaker:spotify_api")
-        assert stats["failures_total"] == "3"  # kept while Redis was away, delivered after
-    finally:
+        yield server
         server.kill()
+        return
+    cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+    client = cluster.client()
+    client.flushall()
+    client.close()
+    yield cluster
+    cluster.start()  # back up for the tests after this one, whatever happened here
+
+
+def test_redis_down_serves_locally_then_resumes(sim, sim_url, caplog, killable):
+    """Redis killed: calls go on, health says degraded, one warning; restarted: news arrives."""
+    server = killable
+    settings = shared_settings(
+        sim_url, server.url, breaker={"fail_max": 100}, retry={"attempts": 1}
+    )
+    guard = Guard(settings, clock=FakeClock())
+    shared = guard.shared
+    assert shared is not None
+    shared.sync_now()
+    assert guard.snapshot()["shared_state"] == "ok"
+    server.kill()
+    sim.set_fault(Fault.json_5xx(500))
+    with caplog.at_level(logging.WARNING, logger="upstream_guard"):
+        for _ in range(3):
+            assert get(guard, f"{sim_url}/v1/me").status_code == 500
+            started = time.monotonic()
+            shared.sync_now()
+            assert time.monotonic() - started < 2
+    snapshot = guard.snapshot()
+    assert snapshot["shared_state"] == "degraded"
+    assert snapshot["status"] == "degraded"
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1
+    server.start()
+    shared.sync_now()
+    assert guard.snapshot()["shared_state"] == "ok"
+    stats = breaker_stats(server)
+    assert stats["failures_total"] == "3"  # kept while Redis was away, delivered after
 
 
 def test_background_thread_shares_a_trip_within_a_second(sim, sim_url, redis_url):
@@ -230,7 +258,7 @@ def _stress_worker(
     out.put(guard.upstreams["spotify_api"].breakers["spotify_api"].failures_total)
 
 
-def test_stress_four_processes_lose_nothing_and_trip_once(redis_url):
+def test_stress_four_processes_lose_nothing_and_trip_once(shared_redis, redis_url):
     """4 processes x 200 concurrent failing calls: the shared count is exact; one trip."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -244,7 +272,75 @@ def test_stress_four_processes_lose_nothing_and_trip_once(redis_url):
     for w in workers:
         w.join(timeout=30)
         assert w.exitcode == 0
-    stats = redis_client_stats(redis_url)
+    stats = breaker_stats(shared_redis)
     assert int(stats["failures_total"]) == sum(recorded)
     assert sum(recorded) >= 100  # at least one worker failed all the way to fail_max
     assert stats["trips"] == "1"
+
+
+def test_each_upstreams_keys_share_one_slot_on_the_cluster(sim, sim_url, redis_cluster):
+    """On the cluster, every key the guard writes sits in its upstream's {prefix:name} slot."""
+    from redis.cluster import key_slot
+
+    client = redis_cluster.client()
+    client.flushall()
+    settings = shared_settings(
+        sim_url,
+        redis_cluster.url,
+        breaker={"scope": "endpoint", "fail_max": 1},
+        retry={"attempts": 1, "max_retry_after_s": 0.5},
+    )
+    guard = Guard(settings, clock=FakeClock())
+    sim.set_fault(Fault.no_healthy_upstream(), "/v1/me")
+    sim.set_fault(Fault.rate_limited(30), "/v1/tracks")
+    get(guard, f"{sim_url}/v1/me")
+    get(guard, f"{sim_url}/v1/tracks/4uLU6hMCjMI75M1A2tKUQC")
+    guard.shared.sync_now()  # type: ignore[union-attr]
+    assert guard.snapshot()["shared_state"] == "ok"
+    keys = sorted(client.keys("*", target_nodes=client.PRIMARIES))
+    client.close()
+    tags = {name: f"{{upstream_guard:{name}}}" for name in ("spotify_api", "spotify_accounts")}
+    assert {k.split(":breaker", 1)[0] for k in keys if ":breaker" in k} == set(tags.values())
+    assert tags["spotify_api"] + ":cooldown" in keys
+    assert sum(k.startswith(tags["spotify_api"] + ":breaker:") for k in keys) == 2  # endpoints
+    for key in keys:
+        name = key[len("{upstream_guard:") : key.index("}")]
+        assert key_slot(key.encode()) == key_slot(tags[name].encode()), key
+    assert key_slot(tags["spotify_api"].encode()) != key_slot(tags["spotify_accounts"].encode())
+
+
+def test_a_cluster_node_down_stops_sharing_only_for_its_upstreams(sim, sim_url, redis_cluster):
+    """One node killed: its upstreams go local, a trip of an upstream elsewhere is still shared."""
+    from redis.cluster import key_slot
+
+    def node_of(prefix: str, name: str) -> int:
+        return key_slot(f"{{{prefix}:{name}}}".encode()) * 3 // RedisClusterServer.SLOTS
+
+    # A prefix that puts spotify_accounts on another node than spotify_api and the seed node.
+    prefix = next(
+        p
+        for p in (f"t{i}" for i in range(1000))
+        if node_of(p, "spotify_accounts") not in (0, node_of(p, "spotify_api"))
+    )
+    client = redis_cluster.client()
+    client.flushall()
+    client.close()
+    settings = shared_settings(
+        sim_url, redis_cluster.url, breaker={"fail_max": 1}, retry={"attempts": 1}
+    ).model_copy(update={"redis_prefix": prefix})
+    a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
+    a.shared.sync_now()  # type: ignore[union-attr]
+    assert a.snapshot()["shared_state"] == "ok"
+    victim = redis_cluster.nodes[node_of(prefix, "spotify_accounts")]
+    try:
+        victim.kill()
+        sim.set_fault(Fault.no_healthy_upstream())
+        get(a, f"{sim_url}/v1/me")
+        a.shared.sync_now()  # type: ignore[union-attr]
+        b.shared.sync_now()  # type: ignore[union-attr]
+        assert b.state("spotify_api") == "open"  # shared through the node still up
+        assert b.snapshot()["shared_state"] == "degraded"  # spotify_accounts: local only
+    finally:
+        redis_cluster.start()
+    b.shared.sync_now()  # type: ignore[union-attr]
+    assert b.snapshot()["shared_state"] == "ok"

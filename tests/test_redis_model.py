@@ -13,7 +13,7 @@ from upstream_guard._classify import Outcome
 from upstream_guard.testing import FakeClock, RedisServer
 
 SERVER = RedisServer()
-KEY = "upstream_guard:breaker:spotify_api"
+KEY = "{upstream_guard:spotify_api}:breaker"
 WORKERS = 3
 FAIL_MAX = 4
 

@@ -147,7 +147,7 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             ]
             assert len({a.headers["x-pid"] for a in answers}) >= 2
             assert sim.total_hits == hits
-            assert int(client.hget("upstream_guard:breaker:spotify_api", "trips")) == 1
+            assert int(client.hget("{upstream_guard:spotify_api}:breaker", "trips")) == 1
 
             # 2. After the reset timeout, all workers together send at most one probe.
             sim.heal()

@@ -1,4 +1,6 @@
-"""A small FastAPI app that calls the Spotify Web API with plain httpx, guarded by one line.
+"""A small FastAPI app that calls the Spotify Web API (plain httpx, and spotifyaio for /me).
+
+Guarded by one line: ``install(app)``.
 
 Run it (from the repository root):
 
@@ -17,9 +19,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import aiohttp
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
+from spotifyaio import SpotifyClient
 
 from upstream_guard import GuardSettings, install
 
@@ -53,6 +57,7 @@ def create_app(
         headers = {"authorization": f"Bearer {app_token}"}
         async with httpx.AsyncClient(base_url=base_url, headers=headers) as client:
             app.state.spotify = client
+            app.state.token = app_token
             yield
 
     app = FastAPI(title="Spotify demo", lifespan=lifespan)
@@ -89,6 +94,23 @@ async def now_playing(request: Request, response: Response) -> dict[str, Any]:
         "track": item.get("name"),
         "artists": _artists(item),
     }
+
+
+@router.get("/me")
+async def me(request: Request) -> dict[str, Any]:
+    """The listener's profile, through spotifyaio (aiohttp; it always calls api.spotify.com).
+
+    spotifyaio builds ``https://api.spotify.com:443`` itself and checks no status but 204 and
+    404: an outage reaches this route as a parse error. The guard sees the failed call and
+    answers 503 for it (with the aiohttp adapter installed by ``install(app)``).
+    """
+    token = request.headers.get("authorization", "").removeprefix("Bearer ")
+    # A session per request keeps the rest of the app free of aiohttp's asyncio-only loop.
+    async with aiohttp.ClientSession() as session:
+        spotify = SpotifyClient(session=session)
+        spotify.authenticate(token or request.app.state.token)
+        user = await spotify.get_current_user()
+    return {"id": user.user_id, "name": user.display_name, "product": str(user.product)}
 
 
 @router.get("/search")

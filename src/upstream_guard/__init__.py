@@ -20,6 +20,8 @@ from ._settings import (
     UpstreamSettings,
 )
 
+__version__ = "0.1.0"
+
 __all__ = [
     "BreakerSettings",
     "BulkheadFullError",

@@ -268,8 +268,23 @@ def _redis_client(url: str, timeout: float) -> Iterator[Any]:
         raise CommandError(
             "--redis needs the redis package: pip install 'upstream-guard[redis]'"
         ) from None
+    from ._redis import CLUSTER_SCHEMES  # noqa: PLC0415
+
+    scheme, _, rest = url.partition("://")
+    client: Any
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        if scheme.lower() in CLUSTER_SCHEMES:  # redis+cluster://: the guard's cluster URLs
+            from redis.cluster import RedisCluster  # noqa: PLC0415
+
+            client = RedisCluster.from_url(
+                f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+            )
+        else:
+            client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
     except ValueError as exc:
         raise CommandError(f"not a Redis URL: {_safe(url)} ({exc})") from None
     try:

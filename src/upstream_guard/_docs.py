@@ -1,8 +1,8 @@
-"""The settings reference in README.md, generated from the settings models.
+"""The settings reference of the documentation, generated from the settings models.
 
-``python -m upstream_guard._docs`` prints it; ``--write README.md`` puts it between the
-``<!-- settings-reference:start -->`` and ``<!-- settings-reference:end -->`` markers;
-``--check README.md`` exits 1 when the file is out of date.
+``python -m upstream_guard._docs`` prints it; ``--write docs/settings.md`` puts it between
+the ``<!-- settings-reference:start -->`` and ``<!-- settings-reference:end -->`` markers;
+``--check docs/settings.md`` exits 1 when the file is out of date.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def settings_reference() -> str:
         "",
         *_builtin_upstreams(),
         "",
-        f"### `upstreams.{NAME.lower()}`: {_first_line(UpstreamSettings)}",
+        f"### `upstreams.{NAME.lower()}`",
+        "",
+        _first_line(UpstreamSettings),
         "",
         *_table(UpstreamSettings, ("upstreams", NAME)),
     ]
@@ -60,7 +62,9 @@ def settings_reference() -> str:
             continue
         lines += [
             "",
-            f"### `upstreams.{NAME.lower()}.{name}`: {_first_line(group)}",
+            f"### `upstreams.{NAME.lower()}.{name}`",
+            "",
+            _first_line(group),
             "",
             *_table(group, ("upstreams", NAME, name)),
         ]
@@ -87,7 +91,7 @@ def _table(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
                 (
                     f"`{name}`",
                     f"`{env_name((*path, name))}`",
-                    _code(_type_name(field.annotation)),
+                    _type_cell(field.annotation),
                     _default(field),
                     _cell(field.description or ""),
                 )
@@ -110,6 +114,20 @@ def _group(field: FieldInfo) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None
+
+
+def _type_cell(annotation: Any) -> str:
+    """A field's type for the table, alternatives joined by "or".
+
+    A ``|`` inside a table's code would need escaping, which GitHub and Python-Markdown read
+    differently.
+    """
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " or ".join(_code(json.dumps(a)) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_code(_type_name(a)) for a in typing.get_args(annotation))
+    return _code(_type_name(annotation))
 
 
 def _type_name(annotation: Any) -> str:
@@ -179,15 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     updated = replace_reference(current, reference)
     if args.check:
         if updated != current:
-            sys.stderr.write(f"{target}: the settings reference is out of date; run {_HOW}\n")
+            sys.stderr.write(
+                f"{target}: the settings reference is out of date; run "
+                f"python -m upstream_guard._docs --write {target}\n"
+            )
             return 1
         return 0
     if updated != current:
         target.write_text(updated, encoding="utf-8")
     return 0
 
-
-_HOW = "python -m upstream_guard._docs --write README.md"
 
 if __name__ == "__main__":
     raise SystemExit(main())

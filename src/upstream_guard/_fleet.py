@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._redis import ISOLATE_SCRIPT, RESET_SCRIPT, cooldown_key, upstream_key
+from ._redis import ISOLATE_SCRIPT, RESET_SCRIPT, upstream_key, upstream_tag
 
 _RANK = {"closed": 0, "half-open": 1, "open": 2}
 
@@ -70,7 +70,7 @@ def fleet_status(client: Any, prefix: str) -> list[UpstreamStatus]:
 
 def _status(client: Any, prefix: str, name: str, now_ms: int) -> UpstreamStatus:
     isolated_at = client.get(upstream_key(prefix, name, "isolated"))
-    cooldown_ms = client.pttl(cooldown_key(prefix, name))
+    cooldown_ms = client.pttl(upstream_key(prefix, name, "cooldown"))
     workers = client.zrange(upstream_key(prefix, name, "workers"), 0, -1, withscores=True)
     generation = int(_text(client.get(upstream_key(prefix, name, "reset")) or 0))
     worst, failures, trips = "closed", 0, 0
@@ -83,7 +83,8 @@ def _status(client: Any, prefix: str, name: str, now_ms: int) -> UpstreamStatus:
         opened = int(float(fields.get("opened_at", "0")))
         if state == "open" and now_ms >= opened + int(float(fields.get("reset_ms", "0"))):
             state = "half-open"  # past its reset timeout: the next call is a probe
-        breakers[key.removeprefix(f"{prefix}:breaker:")] = state
+        endpoint = key.removeprefix(f"{upstream_tag(prefix, name)}:breaker").removeprefix(":")
+        breakers[f"{name} {endpoint}" if endpoint else name] = state
         if _RANK[state] > _RANK[worst]:
             worst = state
         failures += int(fields.get("failures_total", "0"))

@@ -2,8 +2,15 @@
 
 The hot path never waits on Redis. Each guard keeps its state in memory; a background thread
 (its own asyncio loop, so the app may run on trio or be synchronous) syncs it with Redis at a
-short interval in one round trip: one Lua script that adds this worker's news (failures,
-trips, closes, 429s) and answers with the shared view. A trip or a 429 is published at once.
+short interval: a Lua script adds this worker's news (failures, trips, closes, 429s) and
+answers with the shared view. A trip or a 429 is published at once.
+
+Every key of one upstream carries the hash tag ``{PREFIX:NAME}``, so all of them sit in one
+hash slot. One Redis takes every upstream in one script call (one round trip; slots do not
+matter there). Redis Cluster (``redis+cluster://`` URLs) only runs a script whose keys share
+a slot: there the script runs once per upstream, on the node that owns that upstream's slot,
+each node's calls one after another and all nodes at once.
+
 Redis down, slow or restarted: calls go on from local state, health says ``degraded``, one
 warning is logged per outage, and undelivered news is kept and sent when Redis is back.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -22,11 +30,13 @@ from ._breaker import Breaker, BreakerReport
 
 if TYPE_CHECKING:
     from ._guard import Guard
+    from ._pipeline import UpstreamRuntime
 
 log = logging.getLogger("upstream_guard")
 
 # KEYS: per upstream (cooldown, isolated, reset, workers); then per breaker (hash, probe
-# leases, its upstream's reset and breaker index).
+# leases, its upstream's reset and breaker index). On a cluster, one call per upstream, so
+# that every key is in that upstream's hash slot ({PREFIX:NAME}).
 # ARGV: worker, lease ttl ms, breakers, upstreams, forget ms; 4 per upstream; 10 per breaker.
 SYNC_SCRIPT = """
 local t = redis.call('TIME')
@@ -154,23 +164,153 @@ return now
 """KEYS: an upstream's isolated key. Workers isolate the upstream at their next sync."""
 
 
-def breaker_key(prefix: str, breaker: str) -> str:
-    """The hash holding one breaker's shared state."""
-    return f"{prefix}:breaker:{breaker}"
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name a Redis Cluster, and the scheme redis-py's parser takes for each."""
 
 
-def cooldown_key(prefix: str, upstream: str) -> str:
-    """The key holding an upstream's shared 429 cooldown (its end, in Redis ms)."""
-    return f"{prefix}:cooldown:{upstream}"
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def connect(url: str, timeout_s: float) -> Any:
+    """A ``redis.asyncio`` client for ``url``: a ``RedisCluster`` for a cluster URL.
+
+    Nothing connects yet. No retries inside redis-py: the sync loop is the retry, and a
+    sync must not outlast its interval by much while Redis is away. A cluster client first
+    asks for the slot map and the command table (``CLUSTER SLOTS``, ``COMMAND``), and again
+    after any node failed, so its timeouts are at least half a second.
+    """
+    import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
+    from redis.asyncio.retry import Retry  # noqa: PLC0415
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in CLUSTER_SCHEMES:
+        from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+
+        t = max(0.5, timeout_s)
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=t,
+            socket_connect_timeout=t,
+        )
+    return redis.asyncio.from_url(
+        url, retry_on_timeout=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+
+
+def upstream_tag(prefix: str, name: str) -> str:
+    """The hash tag that puts every key of one upstream in one slot: ``{PREFIX:NAME}``."""
+    return f"{{{prefix}:{name}}}"
 
 
 def upstream_key(prefix: str, upstream: str, what: str) -> str:
-    """An upstream's key, hash-tagged so that all of one upstream's keys share a cluster slot.
+    """One of an upstream's keys, ``{PREFIX:NAME}:what``, in the upstream's hash slot.
 
-    ``what``: ``isolated`` (set while isolated), ``reset`` (the last reset's generation),
-    ``workers`` (sorted set: worker -> last sync, ms), ``breakers`` (set of breaker hashes).
+    ``what``: ``cooldown`` (the 429 cooldown's end, Redis ms), ``isolated`` (set while
+    isolated), ``reset`` (the last reset's generation), ``workers`` (sorted set: worker ->
+    last sync, ms), ``breakers`` (set of the breaker hashes' keys); ``breaker`` and
+    ``probes`` (``:<endpoint>`` added for each breaker of scope endpoint).
     """
-    return f"{{{prefix}:{upstream}}}:{what}"
+    return f"{upstream_tag(prefix, upstream)}:{what}"
+
+
+class _Batch:
+    """Some upstreams' part of a sync: their keys and news, sent in one script call.
+
+    One Redis takes every upstream in one batch. A cluster takes one batch per upstream, as
+    a script may only touch the keys of one slot.
+    """
+
+    __slots__ = ("args", "breakers", "keys", "reports", "requested", "upstreams")
+
+    def __init__(
+        self,
+        upstreams: list[UpstreamRuntime],
+        prefix: str,
+        worker: str,
+        lease_ms: int,
+        forget_ms: int,
+    ) -> None:
+        self.upstreams = upstreams
+        self.breakers: list[Breaker] = []
+        self.reports: list[BreakerReport] = []
+        self.requested: list[bool] = []
+        """Per upstream: whether this sync carries a reset made here."""
+        self.keys: list[str] = []
+        self.args: list[Any] = [worker, lease_ms, 0, len(upstreams), forget_ms]
+        for rt in upstreams:
+            asked, rt.reset_requested = rt.reset_requested, False
+            self.requested.append(asked)
+            self.keys += [
+                upstream_key(prefix, rt.name, what)
+                for what in ("cooldown", "isolated", "reset", "workers")
+            ]
+            self.args += [
+                int(rt.cooldown.remaining(rt.clock.monotonic()) * 1000),
+                int(rt.isolated),
+                rt.reset_seen,
+                int(asked),
+            ]
+        for rt in upstreams:
+            tag = upstream_tag(prefix, rt.name)
+            for breaker in list(rt.breakers.values()):
+                report = breaker.take_report()
+                s = breaker.settings
+                self.breakers.append(breaker)
+                self.reports.append(report)
+                # The upstream's one breaker, or ":<endpoint>" for each of scope endpoint.
+                endpoint = breaker.name.removeprefix(rt.name).removeprefix(" ")
+                suffix = f":{endpoint}" if endpoint else ""
+                self.keys += [
+                    f"{tag}:breaker{suffix}",
+                    f"{tag}:probes{suffix}",
+                    f"{tag}:reset",
+                    f"{tag}:breakers",
+                ]
+                self.args += [
+                    report.failures,
+                    int(report.success),
+                    report.event or "",
+                    report.event_epoch,
+                    report.state,
+                    int(report.open_age_s * 1000),
+                    s.fail_max,
+                    int(s.reset_timeout_s * 1000),
+                    report.want_probes,
+                    s.half_open_max_calls,
+                ]
+        self.args[2] = len(self.breakers)
+
+    def give_back(self) -> None:
+        """Redis did not take the news: keep it for the next sync, and go by local rules."""
+        for breaker, report in zip(self.breakers, self.reports, strict=True):
+            breaker.give_back(report)
+            breaker.probe_allowance = breaker.settings.half_open_max_calls
+        for rt, asked in zip(self.upstreams, self.requested, strict=True):
+            rt.reset_requested = rt.reset_requested or asked  # sent with the next sync
+
+    def adopt(self, result: list[Any]) -> None:
+        """Take the shared view the script answered with."""
+        values = [v.decode() if isinstance(v, bytes) else v for v in result]
+        i = 1
+        for rt, asked in zip(self.upstreams, self.requested, strict=True):
+            remaining_ms, isolated, generation = (int(v) for v in values[i : i + 3])
+            i += 3
+            if remaining_ms > 0:
+                rt.cooldown.adopt(rt.clock.monotonic(), remaining_ms / 1000)
+            if generation > rt.reset_seen:
+                if not asked and rt.reset_seen >= 0:  # a reset made elsewhere, since we synced
+                    rt.reset()
+                rt.reset_seen = generation
+            if isolated and not rt.isolated:
+                rt.isolate()
+        for breaker in self.breakers:
+            state, epoch, age_ms, granted = values[i : i + 4]
+            i += 4
+            breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
 
 
 class SharedState:
@@ -187,6 +327,8 @@ class SharedState:
         # A worker not heard from for this long is no longer listed as seen.
         self._forget_ms = int(max(10.0, interval_s * 20) * 1000)
         self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._sha = hashlib.sha1(SYNC_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's name
+        self._cluster = is_cluster_url(url)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -194,6 +336,7 @@ class SharedState:
         self.status = "starting"
         """``starting``, ``ok`` or ``degraded`` (Redis unreachable: local state only)."""
         self.round_trips = 0
+        """Syncs that reached Redis (one round trip; on a cluster, one call per upstream)."""
         self.failed_round_trips = 0
 
     # -- life cycle --------------------------------------------------------------------------
@@ -233,19 +376,15 @@ class SharedState:
             self.wake()
 
     def sync_now(self) -> None:
-        """One round trip from the calling thread, on a loop of its own (tests, scripts).
+        """One sync from the calling thread, on a loop of its own (tests, scripts).
 
-        Not for use while the background thread runs: it is the same round trip, done now.
+        Not for use while the background thread runs: it is the same sync, done now.
         """
 
         async def once() -> None:
-            import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
-
-            client = redis.asyncio.from_url(
-                self._url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s
-            )
+            client = connect(self._url, self._timeout_s)
             try:
-                await self.sync_once(client.register_script(SYNC_SCRIPT))
+                await self.sync_once(client)
             finally:
                 await client.aclose()
 
@@ -257,25 +396,17 @@ class SharedState:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        import redis.asyncio  # noqa: PLC0415 - optional dependency, only with redis_url
-
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         try:
-            client = redis.asyncio.from_url(
-                self._url,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-                retry_on_timeout=False,
-            )
+            client = connect(self._url, self._timeout_s)
         except ValueError as exc:  # settings validate the URL; this is the last safety net
             self.status = "degraded"
             log.warning("upstream_guard: unusable redis_url (%s); local state only", exc)
             return
-        script = client.register_script(SYNC_SCRIPT)
         try:
             while True:
-                await self.sync_once(script)
+                await self.sync_once(client)
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -285,71 +416,28 @@ class SharedState:
             self._loop = None
             await client.aclose()
 
-    async def sync_once(self, script: Any) -> None:
-        """One round trip: send every breaker's and cooldown's news, adopt the shared view."""
-        prefix = self._prefix
+    async def sync_once(self, client: Any) -> None:
+        """Send every upstream's news (one script call each), adopt the shared view."""
         upstreams = list(self._guard.upstreams.values())
-        keys: list[str] = []
-        args: list[Any] = [self._worker, self._lease_ms, 0, len(upstreams), self._forget_ms]
-        now = self._guard.clock.monotonic()
-        requested: list[bool] = []
-        for rt in upstreams:
-            asked, rt.reset_requested = rt.reset_requested, False
-            requested.append(asked)
-            keys += [
-                cooldown_key(prefix, rt.name),
-                upstream_key(prefix, rt.name, "isolated"),
-                upstream_key(prefix, rt.name, "reset"),
-                upstream_key(prefix, rt.name, "workers"),
-            ]
-            args += [
-                int(rt.cooldown.remaining(now) * 1000),
-                int(rt.isolated),
-                rt.reset_seen,
-                int(asked),
-            ]
-        breakers: list[Breaker] = []
-        reports: list[BreakerReport] = []
-        for rt in upstreams:
-            for breaker in list(rt.breakers.values()):
-                report = breaker.take_report()
-                s = breaker.settings
-                breakers.append(breaker)
-                reports.append(report)
-                key = breaker_key(prefix, breaker.name)
-                keys += [
-                    key,
-                    f"{key}:probes",
-                    upstream_key(prefix, rt.name, "reset"),
-                    upstream_key(prefix, rt.name, "breakers"),
-                ]
-                args += [
-                    report.failures,
-                    int(report.success),
-                    report.event or "",
-                    report.event_epoch,
-                    report.state,
-                    int(report.open_age_s * 1000),
-                    s.fail_max,
-                    int(s.reset_timeout_s * 1000),
-                    report.want_probes,
-                    s.half_open_max_calls,
-                ]
-        args[2] = len(breakers)
-        try:
-            result = await script(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001 - any Redis trouble means: local state only
-            for breaker, report in zip(breakers, reports, strict=True):
-                breaker.give_back(report)
-                breaker.probe_allowance = breaker.settings.half_open_max_calls  # local rules
-            for rt, asked in zip(upstreams, requested, strict=True):
-                rt.reset_requested = rt.reset_requested or asked  # sent with the next one
+        groups = [[rt] for rt in upstreams] if self._cluster else [upstreams]
+        batches = [
+            _Batch(g, self._prefix, self._worker, self._lease_ms, self._forget_ms) for g in groups
+        ]
+        results = await self._send(client, batches)
+        failure: BaseException | None = None
+        for batch, result in zip(batches, results, strict=True):
+            if isinstance(result, BaseException):
+                batch.give_back()
+                failure = result
+            else:
+                batch.adopt(result)
+        if failure is not None:
             self.failed_round_trips += 1
             if self.status != "degraded":
                 log.warning(
                     "upstream_guard: Redis at %s unreachable (%s); serving from local state",
                     _safe_url(self._url),
-                    type(exc).__name__,
+                    type(failure).__name__,
                 )
             self.status = "degraded"
             return
@@ -357,33 +445,59 @@ class SharedState:
         if self.status == "degraded":
             log.warning("upstream_guard: Redis is back; sharing state again")
         self.status = "ok"
-        self._adopt(result, breakers, upstreams, requested)
 
-    def _adopt(
-        self,
-        result: list[Any],
-        breakers: list[Breaker],
-        upstreams: list[Any],
-        requested: list[bool],
-    ) -> None:
-        values = [v.decode() if isinstance(v, bytes) else v for v in result]
-        i = 1
-        now = self._guard.clock.monotonic()
-        for rt, asked in zip(upstreams, requested, strict=True):
-            remaining_ms, isolated, generation = (int(v) for v in values[i : i + 3])
-            i += 3
-            if remaining_ms > 0:
-                rt.cooldown.adopt(now, remaining_ms / 1000)
-            if generation > rt.reset_seen:
-                if not asked and rt.reset_seen >= 0:  # a reset made elsewhere, since we synced
-                    rt.reset()
-                rt.reset_seen = generation
-            if isolated and not rt.isolated:
-                rt.isolate()
-        for breaker in breakers:
-            state, epoch, age_ms, granted = values[i : i + 4]
-            i += 4
-            breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
+    async def _call(self, client: Any, batch: _Batch) -> Any:
+        from redis.exceptions import NoScriptError  # noqa: PLC0415 - optional dependency
+
+        try:
+            return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+        except NoScriptError:  # a new or restarted server: load the script, send again
+            await client.script_load(SYNC_SCRIPT)  # on a cluster: on every primary
+            return await client.evalsha(self._sha, len(batch.keys), *batch.keys, *batch.args)
+
+    async def _send(self, client: Any, batches: list[_Batch]) -> list[Any]:
+        """Each batch's answer, or the exception that stopped it (one per batch)."""
+        if self._cluster:
+            return await self._send_to_cluster(client, batches)
+        # One Redis, one batch: one round trip.
+        try:
+            return [await self._call(client, batch) for batch in batches]
+        except Exception as exc:  # noqa: BLE001 - any Redis trouble: local state only
+            return [exc] * len(batches)
+
+    async def _send_to_cluster(self, client: Any, batches: list[_Batch]) -> list[Any]:
+        """Each node's calls one after another (one connection per node), all nodes at once.
+
+        Calls do not share a pipeline because redis-py refuses EVALSHA in a cluster pipeline.
+        A node that cannot be reached fails the rest of its calls at once: one timeout per
+        node and sync, not one per upstream.
+        """
+        from redis.exceptions import ConnectionError as Unreachable  # noqa: PLC0415
+        from redis.exceptions import TimeoutError as TimedOut  # noqa: PLC0415
+
+        results: list[Any] = [None] * len(batches)
+
+        async def in_turn(indexes: list[int]) -> None:
+            for n, i in enumerate(indexes):
+                try:
+                    results[i] = await self._call(client, batches[i])
+                except (Unreachable, TimedOut) as exc:
+                    for j in indexes[n:]:
+                        results[j] = exc
+                    return
+                except Exception as exc:  # noqa: BLE001 - this upstream: local state only
+                    results[i] = exc
+
+        try:
+            await client.initialize()  # learn the slots first: once, not in every call
+            by_node: dict[str, list[int]] = {}
+            for i, batch in enumerate(batches):
+                node = client.get_node_from_key(batch.keys[0])  # the cooldown key: always there
+                by_node.setdefault(node.name, []).append(i)
+        except Exception as exc:  # noqa: BLE001 - cluster unreachable: local state only
+            return [exc] * len(batches)
+        await asyncio.gather(*(in_turn(indexes) for indexes in by_node.values()))
+        return results
 
 
 def _safe_url(url: str) -> str:

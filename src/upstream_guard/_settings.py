@@ -316,7 +316,11 @@ class GuardSettings(BaseSettings):
     server_timing: bool = Field(
         default=True, description="Add a Server-Timing header with each upstream's time."
     )
-    redis_url: str | None = Field(None, description="Share state through Redis (none: memory).")
+    redis_url: str | None = Field(
+        None,
+        description="Share state through Redis (none: memory); `redis+cluster://host:port` "
+        "for Redis Cluster.",
+    )
     redis_prefix: str = Field(
         "upstream_guard", min_length=1, description="Prefix of every Redis key the guard writes."
     )
@@ -428,8 +432,33 @@ class GuardSettings(BaseSettings):
             parts.port  # noqa: B018 - raises ValueError for a port out of range
         except ValueError as exc:
             raise ValueError(f"redis_url is not a URL: {exc}") from None
+        if parts.scheme in ("redis+cluster", "rediss+cluster"):
+            if not parts.hostname:
+                raise ValueError(
+                    "redis_url needs a host, as in redis+cluster://node1:6379 "
+                    "(any node of the cluster: the others are discovered)"
+                )
+            if parts.path.strip("/") not in ("", "0"):
+                raise ValueError(
+                    f"redis_url: Redis Cluster has only database 0, not {parts.path.strip('/')!r}; "
+                    "drop the path, as in redis+cluster://node1:6379"
+                )
+            return value
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                "redis_url must start with redis://, rediss:// or unix:// (one Redis), "
+                "or redis+cluster:// or rediss+cluster:// (Redis Cluster)"
+            )
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("redis_url needs a host, as in redis://localhost:6379/0")
+        return value
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _redis_prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError(
+                "redis_prefix must not contain braces: the guard puts each upstream's keys "
+                "in a hash tag of its own, {PREFIX:NAME}"
+            )
         return value

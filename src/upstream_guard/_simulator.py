@@ -6,12 +6,18 @@ import json
 import random
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Self
+from urllib.parse import parse_qs
 
 import anyio
 import anyio.to_thread
+
+from ._simulated_accounts import TokenEndpoint
+from ._simulated_api import body_for
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -172,6 +178,36 @@ class SpotifySimulator:
         self._rng = random.Random(seed)  # noqa: S311 - fault injection, not crypto
         self.hits: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
+        self._base_urls: dict[str, str] = {}
+        self._accounts = TokenEndpoint()
+
+    @contextmanager
+    def intercept(self) -> Iterator[Self]:
+        """Answer every call to ``api.spotify.com`` and ``accounts.spotify.com`` while active.
+
+        Calls made with httpx, httpx2, requests (so tekore and spotipy) and aiohttp (when
+        its adapter is installed) keep their ``https://`` URLs: their connections go to
+        this simulator on loopback instead. A guard, installed or not, decides as it would
+        for the real hosts. Yields the simulator. Only one interception can be active at a
+        time; leaving the block restores everything, also on error.
+
+            with SpotifySimulator().intercept() as spotify:
+                spotify.set_fault(Fault.no_healthy_upstream())
+                ...  # your app's calls to Spotify now meet an outage
+        """
+        from ._intercept import intercepting  # noqa: PLC0415 - needs uvicorn: tests only
+
+        with intercepting(self, release=self.release) as base_urls:
+            self._base_urls = base_urls
+            try:
+                yield self
+            finally:
+                self._base_urls = {}
+
+    @property
+    def base_urls(self) -> Mapping[str, str]:
+        """While intercepting: each host's loopback base URL (``http://127.0.0.1:PORT``)."""
+        return MappingProxyType(self._base_urls)
 
     def set_fault(self, fault: Fault, prefix: str = "") -> None:
         """Answer requests whose path starts with ``prefix`` according to ``fault``."""
@@ -190,8 +226,16 @@ class SpotifySimulator:
             self._scripts.clear()
             self.hits.clear()
             self.requests.clear()
+            self._accounts.forget()
             released, self._release = self._release, threading.Event()
         released.set()
+
+    def revoke(self, refresh_token: str) -> None:
+        """Answer ``POST /api/token`` with this refresh token as Spotify does once it is revoked.
+
+        (400 ``invalid_grant``, ``Refresh token revoked``; ``heal()`` forgets revocations.)
+        """
+        self._accounts.revoke(refresh_token)
 
     def release(self) -> None:
         """Let hanging requests go (they answer 504) and held ones answer normally."""
@@ -226,7 +270,7 @@ class SpotifySimulator:
         self.hits[path] += 1
         self.requests.append((scope["method"], path))
         fault = self._fault_for(path)
-        status, headers, body = await self._answer(fault, scope)
+        status, headers, body = await self._answer(fault, scope, receive)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -251,7 +295,8 @@ class SpotifySimulator:
             except ValueError as exc:
                 status, answer = 400, {"error": str(exc)}
             else:
-                self.set_fault(fault, _query(scope).get("prefix", ""))
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                self.set_fault(fault, query.get("prefix", [""])[0])
                 answer = {"faults": self.faults()}
         elif method == "DELETE":
             self.heal()
@@ -266,7 +311,9 @@ class SpotifySimulator:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
 
-    async def _answer(self, fault: Fault, scope: Scope) -> tuple[int, list[Any], bytes]:
+    async def _answer(
+        self, fault: Fault, scope: Scope, receive: Receive
+    ) -> tuple[int, list[Any], bytes]:
         kind = fault.kind
         if kind == "flapping":
             kind = "no_healthy_upstream" if self._rng.random() < fault.failure_rate else "healthy"
@@ -290,292 +337,40 @@ class SpotifySimulator:
                 return 504, [(b"content-type", b"text/plain")], b"upstream request timeout"
         if kind == "slow":
             await anyio.sleep(fault.delay_s)
-        return 200, _json_headers(), json.dumps(_body_for(scope)).encode()
+        return await self._healthy(scope, receive)
+
+    async def _healthy(self, scope: Scope, receive: Receive) -> tuple[int, list[Any], bytes]:
+        if scope["path"].rstrip("/") == "/api/token":
+            status, token = self._accounts.answer(
+                scope["method"], dict(scope.get("headers") or []), await _read_body(receive)
+            )
+            return status, _json_headers(), json.dumps(token).encode()
+        return _status_for(scope), _json_headers(), json.dumps(body_for(scope)).encode()
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _status_for(scope: Scope) -> int:
+    """201 for what Spotify creates (playlist items, a playlist); 200 otherwise."""
+    parts = [p for p in scope["path"].split("/") if p]
+    created = (
+        scope["method"] == "POST"
+        and len(parts) == 4
+        and parts[0] == "v1"
+        and (parts[1], parts[3]) in {("playlists", "tracks"), ("playlists", "items")}
+    )
+    return 201 if created else 200
 
 
 def _json_headers() -> list[tuple[bytes, bytes]]:
     return [(b"content-type", b"application/json; charset=utf-8"), *_SPOTIFY_HEADERS]
-
-
-_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_ARTIST = ("0OdUWJ0sBjDrqHygGUXeCF", "Band of Horses")
-_ALBUM = ("6akEvsycLGftJxYudPjmqK", "Everything All the Time")
-_PLAYLIST = "37i9dQZF1DXcBWIGoYBM5M"
-_NOW_PLAYING = "11dFghVXANMlKmJXsNCbNl"
-_MARKETS = ["CA", "DE", "GB", "SE", "US"]
-_SEARCHABLE = ("album", "artist", "playlist", "track")
-_SCOPES = "playlist-read-private user-read-email user-read-playback-state user-read-private"
-
-Body = dict[str, Any]
-
-
-def _sid(seed: str) -> str:
-    """A stable 22-character base62 Spotify ID derived from ``seed``."""
-    rng = random.Random(seed)  # noqa: S311 - ids, not crypto
-    return "".join(rng.choices(_B62, k=22))
-
-
-def _api(scope: Scope) -> str:
-    """The simulator's own ``scheme://host/v1``, so hrefs lead back to it."""
-    host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-    if not host and scope.get("server"):
-        name, port = scope["server"]
-        name = f"[{name}]" if ":" in name else name
-        host = f"{name}:{port}" if port else name
-    return f"{scope.get('scheme', 'http')}://{host or 'api.spotify.com'}/v1"
-
-
-def _query(scope: Scope) -> dict[str, str]:
-    from urllib.parse import parse_qsl  # noqa: PLC0415 - only response bodies need it
-
-    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-
-
-def _now_ms() -> int:
-    import time  # noqa: PLC0415 - only response bodies need it
-
-    return int(time.time() * 1000)
-
-
-def _images(seed: str) -> list[Body]:
-    return [
-        {"url": f"https://i.scdn.co/image/{_sid(f'{seed}:{px}')}", "height": px, "width": px}
-        for px in (640, 300, 64)
-    ]
-
-
-def _item(api: str, kind: str, item_id: str, **fields: Any) -> Body:
-    """The fields every Spotify object shares, plus its own."""
-    return {
-        "external_urls": {"spotify": f"https://open.spotify.com/{kind}/{item_id}"},
-        "href": f"{api}/{kind}s/{item_id}",
-        "id": item_id,
-        "type": kind,
-        "uri": f"spotify:{kind}:{item_id}",
-        **fields,
-    }
-
-
-def _page(href: str, query: dict[str, str], total: int, make: Callable[[int], Body]) -> Body:
-    """An offset paging object over ``make(0) .. make(total - 1)``, honouring limit/offset."""
-    from urllib.parse import quote, urlencode  # noqa: PLC0415 - only response bodies need it
-
-    limit = max(1, int(query["limit"])) if query.get("limit", "").isdigit() else 20
-    offset = int(query["offset"]) if query.get("offset", "").isdigit() else 0
-
-    def link(at: int) -> str:
-        params = urlencode({**query, "offset": at, "limit": limit})
-        return f"{quote(href, safe=':/[]@')}?{params}"
-
-    return {
-        "href": link(offset),
-        "items": [make(i) for i in range(offset, min(offset + limit, total))],
-        "limit": limit,
-        "next": link(offset + limit) if offset + limit < total else None,
-        "offset": offset,
-        "previous": link(max(0, offset - limit)) if offset else None,
-        "total": total,
-    }
-
-
-def _user(api: str, private: bool = False) -> Body:
-    user = _item(api, "user", _sid("simulated-user"), display_name="Simulated User")
-    if private:
-        user |= {
-            "account_id": user["id"],
-            "country": "SE",
-            "email": "simulated.user@example.com",
-            "explicit_content": {"filter_enabled": False, "filter_locked": False},
-            "followers": {"href": None, "total": 42},
-            "images": _images(user["id"]),
-            "product": "premium",
-        }
-    return user
-
-
-def _artist(api: str, artist_id: str = _ARTIST[0], full: bool = False) -> Body:
-    name = _ARTIST[1] if artist_id == _ARTIST[0] else f"Artist {artist_id}"
-    artist = _item(api, "artist", artist_id, name=name)
-    if full:
-        artist |= {
-            "followers": {"href": None, "total": 1_234_567},
-            "genres": ["indie rock"],
-            "images": _images(artist_id),
-            "popularity": 68,
-        }
-    return artist
-
-
-def _album(api: str, album_id: str = _ALBUM[0]) -> Body:
-    name = _ALBUM[1] if album_id == _ALBUM[0] else f"Album {album_id}"
-    return _item(
-        api,
-        "album",
-        album_id,
-        album_type="album",
-        artists=[_artist(api)],
-        available_markets=_MARKETS,
-        images=_images(album_id),
-        name=name,
-        release_date="2006-03-21",
-        release_date_precision="day",
-        total_tracks=10,
-    )
-
-
-def _track(api: str, track_id: str, **extra: Any) -> Body:
-    """A full track object, plus the ``extra`` fields."""
-    number = sum(map(ord, track_id))
-    return _item(
-        api,
-        "track",
-        track_id,
-        album=_album(api),
-        artists=[_artist(api)],
-        available_markets=_MARKETS,
-        disc_number=1,
-        duration_ms=180_000 + number * 97 % 120_000,
-        explicit=False,
-        external_ids={"isrc": f"USSUB06{number % 100_000:05d}"},
-        is_local=False,
-        is_playable=True,
-        name=f"Track {track_id}",
-        popularity=61,
-        preview_url=None,
-        track_number=number % 10 + 1,
-        **extra,
-    )
-
-
-def _playlist(api: str, playlist_id: str, full: bool = False) -> Body:
-    """A full playlist (with its first page of items) or a simplified one."""
-    total = 3
-    playlist = _item(
-        api,
-        "playlist",
-        playlist_id,
-        collaborative=False,
-        description="A playlist served by the simulator",
-        images=_images(playlist_id),
-        name=f"Playlist {playlist_id}",
-        owner=_user(api),
-        primary_color=None,
-        public=True,
-        snapshot_id=f"AAAA{_sid(f'snapshot:{playlist_id}')}",
-    )
-    if full:
-        items = _playlist_items(api, playlist_id, {"limit": "100"}, total)
-        return playlist | {
-            "followers": {"href": None, "total": 1_000},
-            "tracks": items,
-            "items": items,
-        }
-    refs = {
-        key: {"href": f"{api}/playlists/{playlist_id}/{key}", "total": total}
-        for key in ("tracks", "items")
-    }
-    return playlist | refs
-
-
-def _playlist_items(
-    api: str, playlist_id: str, query: dict[str, str], total: int = 3, key: str = "items"
-) -> Body:
-    def entry(i: int) -> Body:
-        track = _track(api, _sid(f"{playlist_id}:{i}"), episode=False, track=True)
-        return {
-            "added_at": "2024-05-03T10:15:30Z",
-            "added_by": _user(api),
-            "is_local": False,
-            "item": track,
-            "primary_color": None,
-            "track": track,
-            "video_thumbnail": {"url": None},
-        }
-
-    return _page(f"{api}/playlists/{playlist_id}/{key}", query, total, entry)
-
-
-def _playback(api: str, with_device: bool = False) -> Body:
-    context = _item(api, "playlist", _PLAYLIST)
-    body = {
-        "actions": {"disallows": {"resuming": True}},
-        "context": {key: context[key] for key in ("external_urls", "href", "type", "uri")},
-        "currently_playing_type": "track",
-        "is_playing": True,
-        "item": _track(api, _NOW_PLAYING),
-        "progress_ms": 42_000,
-        "timestamp": _now_ms(),
-    }
-    if with_device:
-        body["device"] = {
-            "id": "0d1841b0976bae2a3a310dd74c0f3df354899bc8",
-            "is_active": True,
-            "is_private_session": False,
-            "is_restricted": False,
-            "name": "Simulated speaker",
-            "supports_volume": True,
-            "type": "Computer",
-            "volume_percent": 64,
-        }
-        body |= {"repeat_state": "off", "shuffle_state": False, "smart_shuffle": False}
-    return body
-
-
-def _catalog(api: str, kind: str, seed: str) -> Callable[[int], Body]:
-    """Makes the ``i``-th made-up ``kind`` object of a listing named ``seed``."""
-
-    def make(i: int) -> Body:
-        item_id = _sid(f"{kind}:{seed}:{i}")
-        if kind == "artist":
-            return _artist(api, item_id, full=True)
-        if kind == "album":
-            return _album(api, item_id)
-        if kind == "playlist":
-            return _playlist(api, item_id)
-        return _track(api, item_id)
-
-    return make
-
-
-def _search(api: str, query: dict[str, str]) -> Body:
-    q = query.get("q", "")
-    kinds = [k for k in query.get("type", "track").split(",") if k in _SEARCHABLE]
-    return {
-        f"{k}s": _page(f"{api}/search", query | {"type": k}, 5, _catalog(api, k, q)) for k in kinds
-    }
-
-
-def _body_for(scope: Scope) -> Body:  # noqa: C901, PLR0911 - one case per endpoint
-    path: str = scope["path"].rstrip("/")
-    api, query = _api(scope), _query(scope)
-    match [p for p in path.split("/") if p]:
-        case ["api", "token"]:
-            return {
-                "access_token": "sim-access-token",
-                "token_type": "Bearer",
-                "expires_in": 3600,
-                "scope": _SCOPES,
-            }
-        case ["v1", "tracks", track_id]:
-            return _track(api, track_id)
-        case ["v1", "tracks"]:
-            ids = [i for i in query.get("ids", "").split(",") if i]
-            return {"tracks": [_track(api, i) for i in ids]}
-        case ["v1", "search"]:
-            return _search(api, query)
-        case ["v1", "me"]:
-            return _user(api, private=True)
-        case ["v1", "me", "player", *rest] if rest in ([], ["currently-playing"]):
-            return _playback(api, with_device=not rest)
-        case ["v1", "me", "top", "tracks" | "artists" as kinds]:
-            return _page(f"{api}/me/top/{kinds}", query, 10, _catalog(api, kinds[:-1], "top"))
-        case ["v1", "me", "playlists"] | ["v1", "users", _, "playlists"]:
-            mine = _catalog(api, "playlist", path)
-            return _page(f"{api}{path.removeprefix('/v1')}", query, 2, mine)
-        case ["v1", "playlists", playlist_id]:
-            return _playlist(api, playlist_id, full=True)
-        case ["v1", "playlists", playlist_id, "tracks" | "items" as key]:
-            if scope["method"] != "GET":
-                return {"snapshot_id": f"AAAB{_sid(f'snapshot:{playlist_id}:{_now_ms()}')}"}
-            return _playlist_items(api, playlist_id, query, key=key)
-    return {"ok": True, "path": path}

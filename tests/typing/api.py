@@ -101,3 +101,8 @@ def simulator() -> None:
     sim.set_fault(Fault.no_healthy_upstream(), "/v1/tracks")
     sim.set_fault(Fault.rate_limited(30))
     sim.heal()
+    with SpotifySimulator().intercept() as spotify:
+        spotify.set_fault(Fault.no_healthy_upstream())
+        spotify.revoke("AQ-refresh-token")
+        api_url: str = spotify.base_urls["api.spotify.com"]
+        assert api_url
