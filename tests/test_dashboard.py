@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +22,7 @@ from upstream_guard import (
     UpstreamGuardMiddleware,
     install,
 )
-from upstream_guard._dashboard import _LOGS, PAGE, CallLog, call_log, percentile
+from upstream_guard._dashboard import _LOGS, PAGE, CallLog, call_log, percentile, timeline
 from upstream_guard.testing import FakeClock, Fault, serve
 
 DASHBOARD = "/_upstream_guard/dashboard"
@@ -213,8 +215,11 @@ def test_no_secret_in_page_or_data(sim, sim_url, clock):
 
 def test_page_is_self_contained():
     """The page loads nothing from elsewhere, and its CSP allows only its own script."""
-    assert "https://" not in PAGE
-    assert "http://" not in PAGE
+    # The SVG namespace is a name for createElementNS, never fetched; nothing else may appear.
+    assert PAGE.count('"http://www.w3.org/2000/svg"') == 1
+    page = PAGE.replace('"http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page
+    assert "http://" not in page
     assert "src=" not in PAGE
     assert "<link" not in PAGE
     assert "@import" not in PAGE
@@ -236,8 +241,11 @@ def test_call_log_is_bounded_and_registered_once(clock):
     guard = install(app, settings, clock=clock)
     UpstreamGuardMiddleware(app, guard=guard)
     UpstreamGuardMiddleware(app, guard=guard)
-    assert len(guard._subscribers.listeners) == 1
-    assert isinstance(guard._subscribers.listeners[0], CallLog)
+    listeners = guard._subscribers.listeners
+    assert len(listeners) == 2  # the call log and the timeline, once each
+    assert isinstance(listeners[0], CallLog)
+    assert listeners[1] == timeline(guard).on_event
+    assert guard.state_hooks.count(timeline(guard).on_state_change) == 1
     log = CallLog(["a"], maxlen=3)
     for i in range(5):
         log(CallEvent("a", "/x", "GET", "success", "ok", 200, 1, duration_s=i))
@@ -314,3 +322,157 @@ def test_dashboard_in_a_browser_follows_the_breaker(sim, sim_url, sync_playwrigh
     data_requests = [u for u in requested if u.split("?")[0].endswith(DATA)]
     assert data_requests
     assert all("token" not in u for u in data_requests)  # sent as a header instead
+
+
+CATEGORY_PLAYLISTS = "/v1/browse/categories/{category_id}/playlists"
+NO_OVERFLOW_JS = """() => {
+  const problems = [];
+  const doc = document.documentElement;
+  if (doc.scrollWidth > doc.clientWidth) problems.push(`page ${doc.scrollWidth} > ${doc.clientWidth}`);
+  const cards = [...document.querySelectorAll("#calls > section, #timelines > section")];
+  for (const card of cards) {
+    const name = card.dataset.upstreamCalls || card.dataset.upstreamTimeline;
+    if (card.scrollWidth > card.clientWidth + 1) problems.push(`${name}: ${card.scrollWidth} > ${card.clientWidth}`);
+    const box = card.getBoundingClientRect();
+    for (const other of cards) {
+      if (other === card) continue;
+      const o = other.getBoundingClientRect();
+      const overlap = box.left < o.right && o.left < box.right && box.top < o.bottom && o.top < box.bottom;
+      if (overlap) problems.push(`${name} overlaps another card`);
+    }
+  }
+  return problems;
+}"""
+
+
+def outage_app(api_url: str) -> FastAPI:
+    """An app calling two endpoints of spotify_api, one with a long template."""
+    app = FastAPI()
+
+    @app.get("/playlists/{category}")
+    async def playlists(category: str) -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{api_url}/v1/browse/categories/{category}/playlists")
+        response.raise_for_status()
+        return {"ok": True}
+
+    return app
+
+
+@pytest.mark.usefixtures("dashboard_env")
+def test_timeline_shows_an_outage_and_nothing_overflows(sim, sim_url, sync_playwright, tmp_path):
+    """The timeline draws the open period and isolation as bands; no card spills at 1400 or 390."""
+    expect = sync_playwright.expect
+    app = outage_app(sim_url)
+    settings = make_settings(
+        sim_url, breaker={"fail_max": 2, "reset_timeout_s": 120}, retry={"attempts": 1}
+    )
+    guard = install(app, settings)  # the real clock: the timeline is in real seconds
+    problems: list[str] = []
+    shots: dict[str, Path] = {}
+    with (
+        serve(app) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+        sync_playwright.sync_playwright() as pw,
+    ):
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(f"{url}{DASHBOARD}?token={TOKEN}")
+            line = page.locator('[data-upstream-timeline="spotify_api"]')
+            for _ in range(3):
+                assert client.get("/playlists/party-and-celebration-time").status_code == 200
+            expect(line.locator('rect.bar[data-series="live"]').first).to_be_visible()
+            expect(line.locator(".changes")).to_have_text("closed throughout")
+
+            sim.set_fault(Fault.no_healthy_upstream())
+            for _ in range(4):  # two failures open it; two refusals follow
+                assert client.get("/playlists/party-and-celebration-time").status_code == 503
+            state = page.locator('tr[data-upstream="spotify_api"] [data-field=state]')
+            expect(state).to_have_text("open", timeout=10_000)
+            open_band = line.locator('rect.band[data-state="open"]')
+            expect(open_band).to_have_count(1)
+            expect(line.locator('rect.band[data-state="closed"]')).to_have_count(1)
+            for series in ("failed", "refused", "fallback"):
+                expect(line.locator(f'rect.bar[data-series="{series}"]').first).to_be_attached()
+            expect(line.locator(".changes")).to_contain_text("open at ")
+            assert float(open_band.get_attribute("width") or 0) >= 1
+            band_from = float(open_band.get_attribute("data-from") or 0)
+            band_to = float(open_band.get_attribute("data-to") or 0)
+            assert band_from <= band_to
+            expect(
+                page.locator('[data-upstream-calls="spotify_api"] td.endpoint').first
+            ).to_have_text(CATEGORY_PLAYLISTS)
+            shots["outage"] = tmp_path / "dashboard-outage.png"
+            page.screenshot(path=str(shots["outage"]), full_page=True)
+            assert page.evaluate(NO_OVERFLOW_JS) == []
+
+            guard.isolate("spotify_api")
+            expect(state).to_have_text("isolated", timeout=10_000)
+            expect(line.locator('rect.band[data-state="isolated"]')).to_have_count(1)
+            guard.reset("spotify_api")
+            expect(state).to_have_text("closed", timeout=10_000)
+            expect(line.locator('rect.band[data-state="closed"]')).to_have_count(2)
+
+            page.set_viewport_size({"width": 390, "height": 844})  # a phone
+            expect(line.locator("svg")).to_have_attribute("width", re.compile(r"^[0-9]+$"))
+            page.wait_for_function(
+                "() => Number(document.querySelector('.chart svg').getAttribute('width')) < 390"
+            )
+            assert page.evaluate(NO_OVERFLOW_JS) == []
+            shots["phone"] = tmp_path / "dashboard-phone.png"
+            page.screenshot(path=str(shots["phone"]), full_page=True)
+        finally:
+            browser.close()
+    for name, shot in shots.items():
+        shutil.copyfile(shot, f"/tmp/dashboard-{name}.png")  # noqa: S108 - a fixed path, for review
+    assert problems == []
+
+
+@pytest.mark.usefixtures("dashboard_env")
+def test_timeline_counts_outcomes_per_second_and_state_bands(sim, sim_url):
+    """Per second: live, failed, refused and fallback counts; bands closed -> open -> isolated -> closed."""
+    clock = FakeClock(start=1_000.0, wall_start=1_800_000_000.0)
+    app = build_app(sim_url)
+    settings = make_settings(
+        sim_url, breaker={"fail_max": 2, "reset_timeout_s": 600}, retry={"attempts": 1}
+    )
+    guard = install(app, settings, clock=clock)
+    with client_for(app) as client:
+        clock.advance(10)
+        for _ in range(3):
+            assert client.get(f"/tracks/{TRACK}").status_code == 200
+        clock.advance(1)
+        sim.set_fault(Fault.no_healthy_upstream())
+        for _ in range(3):  # failed, failed (opens), refused: each answered by the 503 problem
+            assert client.get(f"/tracks/{TRACK}").status_code == 503
+        clock.advance(5)
+        guard.isolate("spotify_api")
+        clock.advance(2)
+        guard.reset("spotify_api")
+        clock.advance(1)
+        line = client.get(DATA, headers=bearer()).json()["upstreams"]["spotify_api"]["timeline"]
+        accounts = client.get(DATA, headers=bearer()).json()["upstreams"]["spotify_accounts"][
+            "timeline"
+        ]
+    start = 1_800_000_000
+    assert line["series"] == ["live", "stale", "fallback", "refused", "failed"]
+    assert line["window_s"] == 180
+    assert line["now"] == start + 19
+    assert line["seconds"] == [[start + 10, 3, 0, 0, 0, 0], [start + 11, 0, 0, 3, 1, 2]]
+    assert [(b["from"] - start, b["to"] - start, b["state"]) for b in line["bands"]] == [
+        (0, 11, "closed"),
+        (11, 16, "open"),
+        (16, 18, "isolated"),
+        (18, 19, "closed"),
+    ]
+    assert accounts["seconds"] == []
+    assert [b["state"] for b in accounts["bands"]] == ["closed"]
+    clock.advance(200)  # past the window: the old seconds and bands fall out
+    later = timeline(guard).data("spotify_api")
+    assert later["seconds"] == []
+    assert [(b["from"] - start, b["state"]) for b in later["bands"]] == [(39, "closed")]

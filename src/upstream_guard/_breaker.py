@@ -23,6 +23,12 @@ from ._settings import BreakerSettings
 CLOSED: Final = pybreaker.STATE_CLOSED
 OPEN: Final = pybreaker.STATE_OPEN
 HALF_OPEN: Final = pybreaker.STATE_HALF_OPEN
+ISOLATED: Final = "isolated"
+"""Set by an operator (``guard.isolate``): every call refused until ``guard.reset``.
+
+pybreaker has no such state (Resilience4j calls it FORCED_OPEN): it is kept here, over
+whatever pybreaker records, which no call can change while isolated.
+"""
 
 StateHook = Callable[[str, str, str], None]
 """Called as ``hook(breaker_name, old_state, new_state)`` on every transition."""
@@ -130,6 +136,7 @@ class Breaker:
         """Bumped by every transition: permits from an older generation count for nothing."""
         self.current: str = CLOSED
         """The recorded state (``state`` also reads an expired open breaker as half-open)."""
+        self.isolated = False
         self._opened_at = 0.0
         self._probes = 0
         self._window = _Window(settings.window_s)
@@ -162,7 +169,10 @@ class Breaker:
 
     @property
     def state(self) -> str:
-        """``closed``, ``open`` or ``half-open`` (open past its timeout reads half-open)."""
+        """``closed``, ``open``, ``half-open`` or ``isolated``.
+
+        Open past its timeout reads half-open.
+        """
         if self.current == OPEN and self.retry_after_s() <= 0:
             return HALF_OPEN
         return self.current
@@ -187,7 +197,9 @@ class Breaker:
         generation = self.generation  # before the state: a transition in between makes it stale
         if self.current == CLOSED:  # the hot path: no lock, no pybreaker
             return Permit(self, generation, False, now)
-        if self.current == OPEN and now < self._opened_at + self.settings.reset_timeout_s:
+        if (
+            self.current == OPEN and now < self._opened_at + self.settings.reset_timeout_s
+        ) or self.current == ISOLATED:
             return None  # a refusal needs no lock either: nothing changes
         with self._lock:
             if self.current == OPEN:
@@ -309,11 +321,42 @@ class Breaker:
         with self._lock:
             self._cb.close()
 
+    def isolate(self) -> None:
+        """Refuse every call until ``reset`` (an operator's decision; no event to publish)."""
+        with self._lock:
+            if self.isolated:
+                return
+            old, self.isolated = self.current, True
+            self.generation += 1  # permits in flight count for nothing
+            self.current = ISOLATED
+            self._probes = 0
+            for hook in self._hooks:
+                hook(self.name, old, ISOLATED)
+
+    def reset(self) -> None:
+        """Closed, isolation lifted, every counter cleared (failures, window, reports)."""
+        with self._lock:
+            self.isolated = False
+            self._adopting = True  # the others hear of a reset through its own shared key
+            try:
+                self._cb.close()  # pybreaker clears its counter; our listener moves ``current``
+            finally:
+                self._adopting = False
+            self._dirty = False
+            self._window.clear()
+            self.failures_total = 0
+            self.last_failure = None
+            self.unsynced_failures = 0
+            self.unsynced_success = False
+            self.event = None
+
     def on_state_change(self, old: str, new: str) -> None:
         """Follow pybreaker's transitions (its listener calls this)."""
         # Runs inside pybreaker's call, under our lock: no locking here.
         self.generation += 1
-        self.current = new
+        if self.isolated:  # forced underneath (force_open, say): isolation still holds
+            return
+        old, self.current = self.current, new  # ours: ``isolated`` when a reset lifts it
         self._probes = 0
         self._dirty = self._cb.fail_counter > 0
         if new == OPEN:
@@ -336,7 +379,8 @@ class Breaker:
                 success=self.unsynced_success,
                 event=self.event,
                 event_epoch=self.event_epoch if self.event else self.epoch,
-                state=self.current,
+                # Isolation is shared through a key of its own; the episode goes on below it.
+                state=self._cb.current_state if self.isolated else self.current,
                 open_age_s=max(0.0, self._clock.monotonic() - self._opened_at),
                 want_probes=min(
                     self.settings.half_open_max_calls,
@@ -364,6 +408,9 @@ class Breaker:
         """
         with self._lock:
             self.probe_allowance = allowance
+            if self.isolated:  # until a reset, which brings its own newer episode
+                self.epoch = max(self.epoch, epoch)
+                return
             if epoch < self.epoch or self.event is not None:
                 return  # our news is not out yet: the next report carries it
             opened_at = self._clock.monotonic() - open_age_s

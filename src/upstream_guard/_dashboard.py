@@ -7,7 +7,13 @@ every second: ``guard.snapshot()`` plus, per upstream, its recent calls and thei
 
 Recent calls come from a ``CallLog`` subscribed to the guard's events: a bounded deque per
 upstream of (endpoint template, outcome, status, duration). Nothing else of a call is kept,
-so no header, query string or body can reach the page.
+so no header, query string or body can reach the page. The timeline (``_timeline``) keeps
+per-second counts and state changes; the page draws it as inline SVG.
+
+The page is read-only on purpose: its token is a read token that travels in URLs
+(``?token=``), and a switch that refuses every call fleet-wide deserves more than that
+(a separate secret, CSRF protection, an audit trail). Isolate and reset are the
+``upstream-guard`` command's job, or ``guard.isolate`` behind an app's own admin route.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 
 from ._events import CallEvent
 from ._guard import Guard
+from ._timeline import Timeline
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -81,6 +88,21 @@ def call_log(guard: Guard) -> CallLog:
     return log
 
 
+_TIMELINES: weakref.WeakKeyDictionary[Guard, Timeline] = weakref.WeakKeyDictionary()
+
+
+def timeline(guard: Guard) -> Timeline:
+    """The guard's Timeline, fed by its events and state changes (once per guard)."""
+    found = _TIMELINES.get(guard)
+    if found is None:
+        found = _TIMELINES[guard] = Timeline(
+            list(guard.upstreams), wall=guard.clock.wall, state_of=guard.state
+        )
+        guard.subscribe(found.on_event)
+        guard.state_hooks.append(found.on_state_change)
+    return found
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float | None:
     """Nearest-rank percentile of values sorted ascending (None when there are none)."""
     if not sorted_values:
@@ -93,10 +115,14 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def dashboard_data(guard: Guard, log: CallLog, shown: int = SHOWN_CALLS) -> dict[str, Any]:
-    """``guard.snapshot()`` with each upstream's recent calls and latency added."""
+def dashboard_data(
+    guard: Guard, log: CallLog, shown: int = SHOWN_CALLS, line: Timeline | None = None
+) -> dict[str, Any]:
+    """``guard.snapshot()`` with each upstream's recent calls, latency and timeline added."""
     snapshot = guard.snapshot()
     for name, upstream in snapshot["upstreams"].items():
+        if line is not None:
+            upstream["timeline"] = line.data(name)
         calls = log.calls(name)
         durations = sorted(c[3] for c in calls if c[1] not in _UNTIMED)
         upstream["recent"] = [
@@ -127,6 +153,7 @@ class Dashboard:
         token = settings.dashboard_token
         self._token = None if token is None else token.get_secret_value().encode()
         self.log = call_log(guard)
+        self.timeline = timeline(guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the page or its data; 405 for other methods, 401 without the token."""
@@ -142,7 +169,9 @@ class Dashboard:
                 headers={"www-authenticate": 'Bearer realm="upstream_guard"', **_NO_STORE},
             )
         elif scope["path"] == self.data_path:
-            response = JSONResponse(dashboard_data(self.guard, self.log), headers=_NO_STORE)
+            response = JSONResponse(
+                dashboard_data(self.guard, self.log, line=self.timeline), headers=_NO_STORE
+            )
         else:
             response = HTMLResponse(PAGE, headers=_PAGE_HEADERS)
         await response(scope, receive, send)
@@ -167,13 +196,15 @@ class Dashboard:
 
 _STYLE = """
 :root { color-scheme: light dark; --ok: #1a7f37; --warn: #b35900; --bad: #c4282c;
-  --muted: #6e7781; --line: #d0d7de; --bg: #ffffff; --fg: #1f2328; --chip: #eaeef2; }
+  --muted: #6e7781; --line: #d0d7de; --bg: #ffffff; --fg: #1f2328; --chip: #eaeef2;
+  --iso: #6639ba; --stale: #0969da; --fallback: #bf8700; }
 @media (prefers-color-scheme: dark) {
   :root { --line: #30363d; --bg: #0d1117; --fg: #e6edf3; --muted: #8b949e; --chip: #21262d; }
 }
 * { box-sizing: border-box; }
 body { margin: 0; padding: 1.5rem 2rem; background: var(--bg); color: var(--fg);
   font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+@media (max-width: 40rem) { body { padding: 1rem .75rem; } }
 header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; }
 h1 { font-size: 1.25rem; margin: 0 0 1rem; }
 h2 { font-size: 1rem; margin: 1.5rem 0 .5rem; }
@@ -190,6 +221,7 @@ code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, monospace; }
 .badge.closed, .badge.ok { background: var(--ok); }
 .badge.half-open, .badge.degraded { background: var(--warn); }
 .badge.open, .badge.unavailable { background: var(--bad); }
+.badge.isolated { background: var(--iso); }
 .chips { display: inline-flex; gap: 2px; vertical-align: middle; }
 .chip { width: 9px; height: 18px; border-radius: 2px; background: var(--chip); }
 .chip.success { background: var(--ok); }
@@ -202,9 +234,35 @@ code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, monospace; }
 .outcome.success { color: var(--ok); }
 .outcome.failure, .outcome.refused { color: var(--bad); }
 .outcome.throttled { color: var(--warn); }
-.calls { display: grid; grid-template-columns: repeat(auto-fill, minmax(26rem, 1fr)); gap: 1rem; }
-.calls section { border: 1px solid var(--line); border-radius: 6px; padding: .25rem .75rem .5rem; }
-.calls h3 { font-size: .9rem; margin: .5rem 0; }
+/* Cards never grow past their column: a grid item's min-width is its content's otherwise,
+   and a long endpoint spilled over the next card. Wide tables scroll inside their card. */
+.cards { display: grid; gap: 1rem;
+  grid-template-columns: repeat(auto-fill, minmax(min(26rem, 100%), 1fr)); }
+.cards section { min-width: 0; border: 1px solid var(--line); border-radius: 6px;
+  padding: .25rem .75rem .5rem; }
+.cards h3 { font-size: .9rem; margin: .5rem 0; }
+.scroll { overflow-x: auto; max-width: 100%; }
+td.endpoint { white-space: normal; overflow-wrap: anywhere; min-width: 8rem; }
+.chart { width: 100%; height: 120px; }
+.chart svg { display: block; }
+rect.band.closed { fill: var(--ok); } rect.band.half-open { fill: var(--warn); }
+rect.band.open { fill: var(--bad); } rect.band.isolated { fill: var(--iso); }
+rect.bar.live, .swatch.live { fill: var(--ok); background: var(--ok); }
+rect.bar.stale, .swatch.stale { fill: var(--stale); background: var(--stale); }
+rect.bar.fallback, .swatch.fallback { fill: var(--fallback); background: var(--fallback); }
+rect.bar.refused, .swatch.refused { fill: var(--muted); background: var(--muted); }
+rect.bar.failed, .swatch.failed { fill: var(--bad); background: var(--bad); }
+.axis { fill: var(--muted); font-size: 10px; }
+line.axis { stroke: var(--line); }
+.legend { display: flex; flex-wrap: wrap; gap: .25rem .75rem; color: var(--muted);
+  font-size: .8rem; }
+.swatch.band-closed { background: var(--ok); opacity: .6; }
+.swatch.band-half-open { background: var(--warn); opacity: .6; }
+.swatch.band-open { background: var(--bad); opacity: .6; }
+.swatch.band-isolated { background: var(--iso); opacity: .6; }
+.swatch { display: inline-block; width: .7rem; height: .7rem; border-radius: 2px;
+  margin-right: .25rem; vertical-align: -1px; }
+.changes { color: var(--muted); font-size: .8rem; margin: .25rem 0 0; }
 .empty { color: var(--muted); font-style: italic; }
 #error { display: none; margin: 0 0 1rem; padding: .5rem .75rem; border-radius: 6px;
   background: var(--bad); color: #fff; }
@@ -259,11 +317,81 @@ function callsSection(name) {
   for (const sec of box.children) if (sec.dataset.upstreamCalls === name) return sec;
   const sec = el("section", {"data-upstream-calls": name},
     el("h3", {}, el("code", {}, name)),
-    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "outcome"),
-      el("th", {class: "num"}, "status"), el("th", {class: "num"}, "duration"),
-      el("th", {}, "endpoint"))), el("tbody")));
+    el("div", {class: "scroll"}, el("table", {}, el("thead", {}, el("tr", {},
+      el("th", {}, "outcome"), el("th", {class: "num"}, "status"),
+      el("th", {class: "num"}, "duration"), el("th", {}, "endpoint"))), el("tbody"))));
   box.append(sec);
   return sec;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+const clock = (t) => new Date(t * 1000).toLocaleTimeString([], {hour12: false});
+
+function timelineSection(name, series) {
+  const box = $("#timelines");
+  for (const sec of box.children) if (sec.dataset.upstreamTimeline === name) return sec;
+  const legend = el("div", {class: "legend"});
+  for (const item of series) {
+    legend.append(el("span", {}, el("span", {class: "swatch " + item}), item));
+  }
+  for (const state of ["closed", "half-open", "open", "isolated"]) {
+    legend.append(el("span", {}, el("span", {class: "swatch band-" + state}), state));
+  }
+  const sec = el("section", {"data-upstream-timeline": name},
+    el("h3", {}, el("code", {}, name), " \u2013 calls per second and breaker state"),
+    el("div", {class: "chart"}), legend, el("p", {class: "changes"}));
+  box.append(sec);
+  return sec;
+}
+
+function drawTimeline(sec, tl) {
+  const box = sec.querySelector(".chart");
+  const width = Math.max(160, box.clientWidth), height = 120;
+  const bandH = 14, plotTop = bandH + 14, plotBottom = height - 16;
+  const start = tl.now - tl.window_s;
+  const x = (t) => Math.max(0, Math.min(width, (t - start) / tl.window_s * width));
+  const chart = svg("svg", {width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
+    "aria-label": "calls per second by outcome, and the breaker state, over the last " +
+      Math.round(tl.window_s / 60) + " minutes"});
+  for (const band of tl.bands) {
+    const rect = svg("rect", {class: "band " + band.state, "data-state": band.state,
+      "data-from": band.from, "data-to": band.to, x: x(band.from), y: 0,
+      width: Math.max(1, x(band.to) - x(band.from)), height: bandH});
+    rect.append(svg("title", {}, `${band.state} ${clock(band.from)}\u2013${clock(band.to)}`));
+    chart.append(rect);
+  }
+  const totals = tl.seconds.map((s) => s.slice(1).reduce((a, b) => a + b, 0));
+  const top = Math.max(1, ...totals);
+  const barW = Math.max(1, width / tl.window_s - 0.5);
+  tl.seconds.forEach((second) => {
+    let y = plotBottom;
+    tl.series.forEach((name, i) => {
+      const n = second[i + 1];
+      if (!n) return;
+      const h = n / top * (plotBottom - plotTop);
+      y -= h;
+      const rect = svg("rect", {class: "bar " + name, "data-series": name, "data-t": second[0],
+        "data-n": n, x: x(second[0]), y, width: barW, height: h});
+      rect.append(svg("title", {}, `${clock(second[0])} ${name}: ${n}/s`));
+      chart.append(rect);
+    });
+  });
+  chart.append(svg("line", {class: "axis", x1: 0, x2: width, y1: plotBottom, y2: plotBottom}));
+  chart.append(svg("text", {class: "axis", x: 2, y: plotTop - 3}, top + "/s"));
+  chart.append(svg("text", {class: "axis", x: 2, y: height - 3}, clock(start)));
+  chart.append(svg("text", {class: "axis", x: width - 2, y: height - 3, "text-anchor": "end"},
+    clock(tl.now)));
+  box.replaceChildren(chart);
+  // In words, for a glance: "open at 12:03:10 · closed at 12:05:12".
+  const changes = tl.bands.slice(1).map((b) => `${b.state} at ${clock(b.from)}`);
+  sec.querySelector(".changes").textContent = changes.length ? changes.join(" \u00b7 ")
+    : `${tl.bands[0]?.state ?? "closed"} throughout`;
 }
 
 function render(data) {
@@ -279,6 +407,7 @@ function render(data) {
     setField(row, "cooldown", seconds(u.cooldown_s));
     setField(row, "p50", millis(u.latency_ms.p50));
     setField(row, "p99", millis(u.latency_ms.p99));
+    if (u.timeline) drawTimeline(timelineSection(name, u.timeline.series), u.timeline);
     const chips = el("span", {class: "chips"});
     for (const call of [...u.recent].reverse()) {
       const title = [call.outcome, call.status ?? "", millis(call.duration_ms), call.endpoint];
@@ -294,7 +423,7 @@ function render(data) {
       el("td", {class: "outcome " + call.outcome}, call.outcome),
       el("td", {class: "num"}, call.status === null ? "\\u2013" : String(call.status)),
       el("td", {class: "num"}, millis(call.duration_ms)),
-      el("td", {}, el("code", {}, call.endpoint)))));
+      el("td", {class: "endpoint"}, el("code", {}, call.endpoint)))));
   }
 }
 
@@ -327,6 +456,7 @@ _BODY = """
   <span class="meta">updated <span id="updated">never</span></span>
 </header>
 <div id="error" role="alert"></div>
+<div class="scroll">
 <table id="upstreams">
   <thead><tr>
     <th>upstream</th><th>breaker</th><th class="num">failures</th>
@@ -336,8 +466,11 @@ _BODY = """
   </tr></thead>
   <tbody></tbody>
 </table>
+</div>
+<h2>Timeline (last 3 minutes)</h2>
+<div id="timelines" class="cards"></div>
 <h2>Recent calls (newest first)</h2>
-<div id="calls" class="calls"></div>
+<div id="calls" class="cards"></div>
 """
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
 
 from . import _instrument
 from . import _telemetry as telemetry
-from ._breaker import CLOSED, HALF_OPEN, OPEN
+from ._breaker import CLOSED, HALF_OPEN, ISOLATED, OPEN
 from ._clock import Clock, SystemClock
 from ._context import guarding, state
 from ._events import CallEvent, Subscribers
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from ._redis import SharedState
 
 F = TypeVar("F", bound=Callable[..., Any])
-BreakerState = Literal["closed", "open", "half-open"]
-_STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+BreakerState = Literal["closed", "open", "half-open", "isolated"]
+_STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2, ISOLATED: 3}
 
 
 class Guard:
@@ -149,9 +149,36 @@ class Guard:
 
         return register
 
-    def state(self, upstream: str) -> BreakerState:
-        """``closed``, ``open`` or ``half-open``: the worst of the upstream's breakers."""
+    def isolate(self, upstream: str) -> None:
+        """Refuse every call to ``upstream`` with ``CircuitOpenError`` (reason ``isolated``).
+
+        An operator's switch, for an upstream known to be down or misbehaving: it holds
+        until ``reset``. With ``redis_url`` it holds for every worker within one sync
+        interval, and is kept in Redis so that a restarted worker is isolated too.
+        Unknown names raise ``KeyError``.
+        """
         rt = self._runtime(upstream)
+        rt.isolate()
+        if self.shared is not None:
+            self.shared.wake()
+
+    def reset(self, upstream: str) -> None:
+        """Put ``upstream`` back to closed: isolation lifted, breaker counters cleared.
+
+        With ``redis_url``, every worker does the same within one sync interval. A 429
+        cooldown still runs out: the upstream asked for it. Unknown names raise ``KeyError``.
+        """
+        rt = self._runtime(upstream)
+        rt.reset()
+        if self.shared is not None:
+            rt.reset_requested = True
+            self.shared.wake()
+
+    def state(self, upstream: str) -> BreakerState:
+        """``closed``, ``open``, ``half-open`` or ``isolated``: the worst of its breakers."""
+        rt = self._runtime(upstream)
+        if rt.isolated:
+            return "isolated"
         worst = CLOSED
         for breaker in rt.breakers.values():
             if _STATE_RANK[breaker.state] > _STATE_RANK[worst]:
@@ -169,6 +196,7 @@ class Guard:
             state = self.state(name)
             upstreams[name] = {
                 "state": state,
+                "isolated": rt.isolated,
                 "failures": sum(b.failures_total for b in rt.breakers.values()),
                 "consecutive_failures": max(
                     (b.fail_counter for b in rt.breakers.values()), default=0
@@ -183,7 +211,7 @@ class Guard:
         states = {u["state"] for u in upstreams.values()}
         status = "ok"
         shared = "off" if self.shared is None else self.shared.status
-        if OPEN in states:
+        if OPEN in states or ISOLATED in states:
             status = "unavailable"
         elif (
             HALF_OPEN in states

@@ -77,6 +77,9 @@ class UpstreamGuardMiddleware:
                 guard, scope=dict(scope), receive=receive, exc=exc, error=error, ctx=ctx
             )
             ctx.answered_by = response.headers.get(GUARD_HEADER, "fallback")
+            if self._dashboard is not None:
+                for name in ctx.failed or ([error.upstream] if error is not None else ()):
+                    self._dashboard.timeline.count(name, "fallback")
             await response(scope, receive, ctx.send)
         finally:
             request_context.reset(token)

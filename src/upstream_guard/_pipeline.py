@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ._breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Permit, StateHook
+from ._breaker import CLOSED, HALF_OPEN, ISOLATED, OPEN, Breaker, Permit, StateHook
 from ._bulkhead import Bulkhead
 from ._cache import StaleCache
 from ._classify import Outcome, classify_status, parse_retry_after
@@ -163,6 +163,12 @@ class UpstreamRuntime:
         self.hedge_after_s = settings.hedge.after_s
         """When a slow GET gets a hedge (None: never)."""
         self._state_hooks = state_hooks
+        self.isolated = False
+        """Set by ``isolate`` (an operator): every breaker, even one made later, refuses."""
+        self.reset_seen = -1
+        """The last fleet-wide reset (shared state) this worker applied; -1: never synced."""
+        self.reset_requested = False
+        """A ``reset`` made here that shared state has yet to tell the others."""
         self.breakers: dict[str, Breaker] = {}
         self.breaker: Breaker | None = None
         """The upstream's one breaker (None with ``scope = endpoint``)."""
@@ -176,10 +182,26 @@ class UpstreamRuntime:
         key = f"{self.name} {endpoint}"
         breaker = self.breakers.get(key)
         if breaker is None:
-            breaker = self.breakers.setdefault(
-                key, Breaker(key, self.settings.breaker, self.clock, self._state_hooks)
-            )
+            made = Breaker(key, self.settings.breaker, self.clock, self._state_hooks)
+            if self.isolated:
+                made.isolate()
+            breaker = self.breakers.setdefault(key, made)
         return breaker
+
+    def isolate(self) -> None:
+        """Refuse every call to this upstream until ``reset`` (its breakers say ``isolated``)."""
+        self.isolated = True
+        for breaker in list(self.breakers.values()):
+            breaker.isolate()
+
+    def reset(self) -> None:
+        """Back to closed: isolation lifted, every breaker's counters cleared.
+
+        The 429 cooldown stays: it is what the upstream asked for, not the guard's opinion.
+        """
+        self.isolated = False
+        for breaker in list(self.breakers.values()):
+            breaker.reset()
 
     def retry_after_s(self) -> float:
         """How long until this upstream may be called again (breakers and cooldown)."""
@@ -243,6 +265,8 @@ class GuardedCall(CallRecord):
         rt = self.rt
         now = self.started
         if rt.cooldown.until > now:
+            if self.breaker.current == ISOLATED:  # isolation first: it outlasts any cooldown
+                raise self._refusal()
             now = rt.clock.monotonic()
             left = rt.cooldown.until - now
             if left > 0:
@@ -345,6 +369,15 @@ class GuardedCall(CallRecord):
 
     def _refusal(self) -> CircuitOpenError:
         breaker, record = self.breaker, self
+        if breaker.current == ISOLATED:
+            if not record.attempts:
+                record.outcome, record.reason = "refused", "isolated"
+                record.breaker_state = ISOLATED
+            return CircuitOpenError(
+                f"{self.rt.name} is isolated by an operator; not calling it until it is reset",
+                upstream=self.rt.name,
+                reason="isolated",
+            )
         wait = breaker.retry_after_s()
         state = OPEN if wait > 0 else HALF_OPEN  # refused: one or the other
         if not record.attempts:

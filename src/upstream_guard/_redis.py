@@ -34,26 +34,75 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("upstream_guard")
 
-# KEYS: per breaker (hash, probe leases); then per upstream (cooldown). On a cluster, one call
-# per upstream, so that every key is in that upstream's hash slot ({PREFIX:NAME}).
-# ARGV: worker, lease ttl ms, breakers, cooldowns; 10 per breaker; 1 per cooldown.
+# KEYS: per upstream (cooldown, isolated, reset, workers); then per breaker (hash, probe
+# leases, its upstream's reset and breaker index). On a cluster, one call per upstream, so
+# that every key is in that upstream's hash slot ({PREFIX:NAME}).
+# ARGV: worker, lease ttl ms, breakers, upstreams, forget ms; 4 per upstream; 10 per breaker.
 SYNC_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local worker, ttl = ARGV[1], tonumber(ARGV[2])
-local nb, nc = tonumber(ARGV[3]), tonumber(ARGV[4])
+local nb, nc, forget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {now}
-local a = 5
+local a = 6
+for k = 0, nc - 1 do
+  local key, ikey, rkey, wkey = KEYS[4 * k + 1], KEYS[4 * k + 2], KEYS[4 * k + 3], KEYS[4 * k + 4]
+  local incoming, isolated = tonumber(ARGV[a]), ARGV[a + 1]
+  local seen, reset_req = tonumber(ARGV[a + 2]), ARGV[a + 3]
+  a = a + 4
+  local until_ms = tonumber(redis.call('GET', key) or '0')
+  if incoming > 0 and now + incoming > until_ms then
+    until_ms = now + incoming
+    redis.call('SET', key, until_ms, 'PX', incoming)
+  end
+  -- Manual control: a reset is a generation (a time in ms) every worker applies once;
+  -- isolation is a key that only a reset removes.
+  local gen = tonumber(redis.call('GET', rkey) or '0')
+  if seen < 0 then seen = gen end  -- a worker's first sync: earlier resets are not news
+  if reset_req == '1' then
+    gen = math.max(now, gen + 1)
+    redis.call('SET', rkey, gen)
+    redis.call('DEL', ikey)
+    seen = gen
+  elseif gen < seen then
+    -- Redis forgot (restart, eviction): this worker's view is the newer one.
+    gen = seen
+    redis.call('SET', rkey, gen)
+  end
+  local is_isolated = redis.call('EXISTS', ikey)
+  if isolated == '1' and gen <= seen and is_isolated == 0 then
+    redis.call('SET', ikey, now)
+    is_isolated = 1
+  end
+  redis.call('ZADD', wkey, now, worker)
+  redis.call('ZREMRANGEBYSCORE', wkey, '-inf', now - forget)
+  redis.call('PEXPIRE', wkey, forget)
+  table.insert(out, math.max(0, until_ms - now))
+  table.insert(out, is_isolated)
+  table.insert(out, gen)
+end
 for i = 0, nb - 1 do
-  local h, z = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local h, z = KEYS[4 * nc + 4 * i + 1], KEYS[4 * nc + 4 * i + 2]
+  local rkey, index = KEYS[4 * nc + 4 * i + 3], KEYS[4 * nc + 4 * i + 4]
   local delta, success, event = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   local eepoch, lstate, lage = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
   local fail_max, reset = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local want, max_probes = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
   a = a + 10
-  local v = redis.call('HMGET', h, 'state', 'epoch', 'opened_at', 'failures')
+  local v = redis.call('HMGET', h, 'state', 'epoch', 'opened_at', 'failures', 'reset')
   local state, epoch = v[1] or 'closed', tonumber(v[2] or '0')
   local opened, failures = tonumber(v[3] or '0'), tonumber(v[4] or '0')
+  local rgen = tonumber(redis.call('GET', rkey) or '0')
+  if tonumber(v[5] or '0') < rgen then
+    if v[2] then
+      -- The first sync since a reset: closed, counters cleared; news from before it is old.
+      state, epoch, failures = 'closed', epoch + 1, 0
+      delta, success, event = 0, '0', ''
+      redis.call('HSET', h, 'failures_total', 0, 'trips', 0)
+      redis.call('DEL', z)
+    end
+    redis.call('HSET', h, 'reset', rgen)
+  end
   if eepoch > epoch then
     -- Redis forgot this breaker (restart, eviction): the worker's view is the newer one.
     epoch, failures = eepoch, 0
@@ -85,24 +134,34 @@ for i = 0, nb - 1 do
     for j = 1, granted do redis.call('ZADD', z, now + ttl, worker .. ':' .. j) end
     redis.call('PEXPIRE', z, ttl)
   end
-  redis.call('HSET', h, 'state', state, 'epoch', epoch, 'opened_at', opened, 'failures', failures)
+  redis.call('HSET', h, 'state', state, 'epoch', epoch, 'opened_at', opened, 'failures', failures,
+    'reset_ms', reset)
+  redis.call('SADD', index, h)
   table.insert(out, state)
   table.insert(out, epoch)
   table.insert(out, now - opened)
   table.insert(out, granted)
 end
-for k = 0, nc - 1 do
-  local key = KEYS[2 * nb + k + 1]
-  local incoming = tonumber(ARGV[a + k])
-  local until_ms = tonumber(redis.call('GET', key) or '0')
-  if incoming > 0 and now + incoming > until_ms then
-    until_ms = now + incoming
-    redis.call('SET', key, until_ms, 'PX', incoming)
-  end
-  table.insert(out, math.max(0, until_ms - now))
-end
 return out
 """
+
+RESET_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gen = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') + 1)
+redis.call('SET', KEYS[1], gen)
+redis.call('DEL', KEYS[2])
+return gen
+"""
+"""KEYS: an upstream's reset and isolated keys. Workers apply the new reset at their next sync."""
+
+ISOLATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], now, 'NX')
+return now
+"""
+"""KEYS: an upstream's isolated key. Workers isolate the upstream at their next sync."""
 
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -147,6 +206,17 @@ def upstream_tag(prefix: str, name: str) -> str:
     return f"{{{prefix}:{name}}}"
 
 
+def upstream_key(prefix: str, upstream: str, what: str) -> str:
+    """One of an upstream's keys, ``{PREFIX:NAME}:what``, in the upstream's hash slot.
+
+    ``what``: ``cooldown`` (the 429 cooldown's end, Redis ms), ``isolated`` (set while
+    isolated), ``reset`` (the last reset's generation), ``workers`` (sorted set: worker ->
+    last sync, ms), ``breakers`` (set of the breaker hashes' keys); ``breaker`` and
+    ``probes`` (``:<endpoint>`` added for each breaker of scope endpoint).
+    """
+    return f"{upstream_tag(prefix, upstream)}:{what}"
+
+
 class _Batch:
     """Some upstreams' part of a sync: their keys and news, sent in one script call.
 
@@ -154,16 +224,36 @@ class _Batch:
     a script may only touch the keys of one slot.
     """
 
-    __slots__ = ("args", "breakers", "keys", "reports", "upstreams")
+    __slots__ = ("args", "breakers", "keys", "reports", "requested", "upstreams")
 
     def __init__(
-        self, upstreams: list[UpstreamRuntime], prefix: str, worker: str, lease_ms: int
+        self,
+        upstreams: list[UpstreamRuntime],
+        prefix: str,
+        worker: str,
+        lease_ms: int,
+        forget_ms: int,
     ) -> None:
         self.upstreams = upstreams
         self.breakers: list[Breaker] = []
         self.reports: list[BreakerReport] = []
+        self.requested: list[bool] = []
+        """Per upstream: whether this sync carries a reset made here."""
         self.keys: list[str] = []
-        self.args: list[Any] = [worker, lease_ms, 0, len(upstreams)]
+        self.args: list[Any] = [worker, lease_ms, 0, len(upstreams), forget_ms]
+        for rt in upstreams:
+            asked, rt.reset_requested = rt.reset_requested, False
+            self.requested.append(asked)
+            self.keys += [
+                upstream_key(prefix, rt.name, what)
+                for what in ("cooldown", "isolated", "reset", "workers")
+            ]
+            self.args += [
+                int(rt.cooldown.remaining(rt.clock.monotonic()) * 1000),
+                int(rt.isolated),
+                rt.reset_seen,
+                int(asked),
+            ]
         for rt in upstreams:
             tag = upstream_tag(prefix, rt.name)
             for breaker in list(rt.breakers.values()):
@@ -174,7 +264,12 @@ class _Batch:
                 # The upstream's one breaker, or ":<endpoint>" for each of scope endpoint.
                 endpoint = breaker.name.removeprefix(rt.name).removeprefix(" ")
                 suffix = f":{endpoint}" if endpoint else ""
-                self.keys += [f"{tag}:breaker{suffix}", f"{tag}:probes{suffix}"]
+                self.keys += [
+                    f"{tag}:breaker{suffix}",
+                    f"{tag}:probes{suffix}",
+                    f"{tag}:reset",
+                    f"{tag}:breakers",
+                ]
                 self.args += [
                     report.failures,
                     int(report.success),
@@ -188,29 +283,34 @@ class _Batch:
                     s.half_open_max_calls,
                 ]
         self.args[2] = len(self.breakers)
-        for rt in upstreams:
-            self.keys.append(f"{upstream_tag(prefix, rt.name)}:cooldown")
-            self.args.append(int(rt.cooldown.remaining(rt.clock.monotonic()) * 1000))
 
     def give_back(self) -> None:
         """Redis did not take the news: keep it for the next sync, and go by local rules."""
         for breaker, report in zip(self.breakers, self.reports, strict=True):
             breaker.give_back(report)
             breaker.probe_allowance = breaker.settings.half_open_max_calls
+        for rt, asked in zip(self.upstreams, self.requested, strict=True):
+            rt.reset_requested = rt.reset_requested or asked  # sent with the next sync
 
     def adopt(self, result: list[Any]) -> None:
         """Take the shared view the script answered with."""
         values = [v.decode() if isinstance(v, bytes) else v for v in result]
         i = 1
+        for rt, asked in zip(self.upstreams, self.requested, strict=True):
+            remaining_ms, isolated, generation = (int(v) for v in values[i : i + 3])
+            i += 3
+            if remaining_ms > 0:
+                rt.cooldown.adopt(rt.clock.monotonic(), remaining_ms / 1000)
+            if generation > rt.reset_seen:
+                if not asked and rt.reset_seen >= 0:  # a reset made elsewhere, since we synced
+                    rt.reset()
+                rt.reset_seen = generation
+            if isolated and not rt.isolated:
+                rt.isolate()
         for breaker in self.breakers:
             state, epoch, age_ms, granted = values[i : i + 4]
             i += 4
             breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
-        for rt in self.upstreams:
-            remaining_ms = int(values[i])
-            i += 1
-            if remaining_ms > 0:
-                rt.cooldown.adopt(rt.clock.monotonic(), remaining_ms / 1000)
 
 
 class SharedState:
@@ -224,6 +324,8 @@ class SharedState:
         self._interval_s = interval_s
         self._timeout_s = max(0.05, min(1.0, interval_s * 2))
         self._lease_ms = int(max(1.0, interval_s * 5) * 1000)
+        # A worker not heard from for this long is no longer listed as seen.
+        self._forget_ms = int(max(10.0, interval_s * 20) * 1000)
         self._worker = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._sha = hashlib.sha1(SYNC_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's name
         self._cluster = is_cluster_url(url)
@@ -318,7 +420,9 @@ class SharedState:
         """Send every upstream's news (one script call each), adopt the shared view."""
         upstreams = list(self._guard.upstreams.values())
         groups = [[rt] for rt in upstreams] if self._cluster else [upstreams]
-        batches = [_Batch(g, self._prefix, self._worker, self._lease_ms) for g in groups]
+        batches = [
+            _Batch(g, self._prefix, self._worker, self._lease_ms, self._forget_ms) for g in groups
+        ]
         results = await self._send(client, batches)
         failure: BaseException | None = None
         for batch, result in zip(batches, results, strict=True):
@@ -388,7 +492,7 @@ class SharedState:
             await client.initialize()  # learn the slots first: once, not in every call
             by_node: dict[str, list[int]] = {}
             for i, batch in enumerate(batches):
-                node = client.get_node_from_key(batch.keys[-1])  # the cooldown key: always there
+                node = client.get_node_from_key(batch.keys[0])  # the cooldown key: always there
                 by_node.setdefault(node.name, []).append(i)
         except Exception as exc:  # noqa: BLE001 - cluster unreachable: local state only
             return [exc] * len(batches)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Self
+from urllib.parse import parse_qs
 
 import anyio
 import anyio.to_thread
@@ -44,6 +45,34 @@ class Fault:
     delay_s: float = 0.0
     failure_rate: float = 0.0
     message: str = "Error"
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault:
+        """A fault from its name and optional argument: ``rate_limited:30``, ``slow:2``.
+
+        Names (argument in brackets): ``healthy``, ``no_healthy_upstream``,
+        ``json_5xx[:status]``, ``rate_limited[:retry_after]``, ``slow:seconds``, ``hang``,
+        ``flapping:rate``, ``status:code``. Raises ``ValueError`` naming them otherwise.
+        """
+        name, _, arg = spec.strip().partition(":")
+        make = _PARSERS.get(name)
+        if make is None:
+            raise ValueError(f"unknown fault {name!r}; one of: {', '.join(FAULT_NAMES)}")
+        try:
+            return make(arg)
+        except ValueError as exc:
+            raise ValueError(f"bad argument for fault {name!r}: {arg!r} ({exc})") from None
+
+    def spec(self) -> str:
+        """The name ``parse`` reads back (``rate_limited:30``)."""
+        arg = {
+            "json_5xx": str(self.status),
+            "rate_limited": self.retry_after or "",
+            "slow": f"{self.delay_s:g}",
+            "flapping": f"{self.failure_rate:g}",
+            "status": str(self.status),
+        }.get(self.kind, "")
+        return f"{self.kind}:{arg}" if arg else self.kind
 
     @classmethod
     def healthy(cls) -> Fault:
@@ -92,16 +121,56 @@ class Fault:
         return cls(kind="flapping", status=503, failure_rate=failure_rate)
 
 
+def _required(arg: str) -> str:
+    if not arg:
+        raise ValueError("an argument is required")
+    return arg
+
+
+def _rate(arg: str) -> float:
+    rate = float(_required(arg))
+    if not 0 <= rate <= 1:
+        raise ValueError("a rate between 0 and 1")
+    return rate
+
+
+def _status(arg: str, low: int, high: int) -> int:
+    status = int(arg)
+    if not low <= status <= high:
+        raise ValueError(f"a status from {low} to {high}")
+    return status
+
+
+_PARSERS: dict[str, Callable[[str], Fault]] = {
+    "healthy": lambda _: Fault.healthy(),
+    "no_healthy_upstream": lambda _: Fault.no_healthy_upstream(),
+    "json_5xx": lambda a: Fault.json_5xx(_status(a, 500, 599) if a else 500),
+    "rate_limited": lambda a: Fault.rate_limited(a or 1),
+    "slow": lambda a: Fault.slow(max(0.0, float(_required(a)))),
+    "hang": lambda _: Fault.hang(),
+    "flapping": lambda a: Fault.flapping(_rate(a)),
+    "status": lambda a: Fault.respond(_status(_required(a), 100, 599)),
+}
+FAULT_NAMES = tuple(_PARSERS)
+"""The fault names ``Fault.parse`` (and ``upstream-guard simulate --fault``) knows."""
+
+
 class SpotifySimulator:
     """An ASGI app speaking enough of Spotify's Web API and accounts host for tests and demos.
 
     Faults are set per path prefix (``"/v1/tracks"``, ``"/api/token"``, or ``""`` for
     everything) with ``set_fault``; the longest matching prefix wins. ``hits`` counts the
     requests that reached it by path.
+
+    With ``control_path`` (``upstream-guard simulate`` uses ``/_simulator``), a person can
+    switch faults of the running simulator over HTTP: ``GET {control_path}/fault`` lists
+    them, ``PUT {control_path}/fault`` with a body such as ``rate_limited:30`` sets one
+    (``?prefix=/v1/tracks`` for one path prefix only), ``DELETE`` heals everything.
     """
 
-    def __init__(self, *, seed: int = 0) -> None:
-        """Start healthy."""
+    def __init__(self, *, seed: int = 0, control_path: str | None = None) -> None:
+        """Start healthy; ``control_path`` (e.g. ``/_simulator``) enables fault switching."""
+        self.control_path = None if control_path is None else control_path.rstrip("/")
         self._faults: dict[str, Fault] = {}
         self._scripts: dict[str, list[Fault]] = {}
         self._lock = threading.Lock()
@@ -195,12 +264,52 @@ class SpotifySimulator:
         if scope["type"] != "http":
             return
         path: str = scope["path"]
+        if self.control_path is not None and path == f"{self.control_path}/fault":
+            await self._control(scope, receive, send)
+            return
         self.hits[path] += 1
         self.requests.append((scope["method"], path))
         fault = self._fault_for(path)
         status, headers, body = await self._answer(fault, scope, receive)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def faults(self) -> dict[str, str]:
+        """The faults set, by path prefix (``""``: every path), as ``Fault.parse`` reads them."""
+        with self._lock:
+            return {prefix: fault.spec() for prefix, fault in self._faults.items()}
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        status = 200
+        answer: dict[str, Any]
+        if method == "PUT":
+            try:
+                fault = Fault.parse(body.decode("utf-8", "replace"))
+            except ValueError as exc:
+                status, answer = 400, {"error": str(exc)}
+            else:
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                self.set_fault(fault, query.get("prefix", [""])[0])
+                answer = {"faults": self.faults()}
+        elif method == "DELETE":
+            self.heal()
+            answer = {"faults": self.faults()}
+        elif method == "GET":
+            answer = {"faults": self.faults(), "known": list(FAULT_NAMES)}
+        else:
+            status, answer = 405, {"error": "GET, PUT or DELETE"}
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        if status == 405:
+            headers.append((b"allow", b"GET, PUT, DELETE"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
 
     async def _answer(
         self, fault: Fault, scope: Scope, receive: Receive

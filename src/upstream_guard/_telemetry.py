@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 _SCOPE = "upstream_guard"
 _tracer = trace.get_tracer(_SCOPE)
 _meter = metrics.get_meter(_SCOPE)
-_STATE_VALUE = {"closed": 0, "half-open": 1, "open": 2}
+_STATE_VALUE = {"closed": 0, "half-open": 1, "open": 2, "isolated": 3}
 # Query keys whose values are secrets (OAuth and signed-URL parameters).
 _SECRET_KEYS = frozenset(
     {
@@ -330,7 +330,7 @@ def _observe_cooldowns(options: CallbackOptions) -> Iterable[Observation]:  # no
 _meter.create_observable_gauge(
     "upstream_guard.breaker.state",
     callbacks=[_observe_states],
-    description="Breaker state: 0 closed, 1 half-open, 2 open.",
+    description="Breaker state: 0 closed, 1 half-open, 2 open, 3 isolated.",
 )
 _meter.create_observable_gauge(
     "upstream_guard.cooldown",

@@ -1,0 +1,5 @@
+"""``python -m upstream_guard``: the ``upstream-guard`` command."""
+
+from ._cli import console
+
+console()
