@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -344,3 +346,78 @@ def test_a_cluster_node_down_stops_sharing_only_for_its_upstreams(sim, sim_url, 
         redis_cluster.start()
     b.shared.sync_now()  # type: ignore[union-attr]
     assert b.snapshot()["shared_state"] == "ok"
+
+
+class _ReplyDropper:
+    """A loopback TCP proxy to Redis that, while ``drop`` is set, forwards a script call and
+    closes the connection instead of passing its reply back: Redis applied it, the client
+    never heard. (Connection set-up commands pass, so the client gets as far as the script.)"""
+
+    def __init__(self, target_port: int) -> None:
+        self.drop = False
+        self._target = target_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            script_sent = threading.Event()
+            for source, sink, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, replies, script_sent), daemon=True
+                ).start()
+
+    def _pipe(
+        self, source: socket.socket, sink: socket.socket, replies: bool, script: threading.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not replies and self.drop and b"EVALSHA" in data.upper():
+                    script.set()
+                if replies and script.is_set():
+                    break
+                sink.sendall(data)
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_a_report_resent_after_a_lost_reply_counts_once(sim, sim_url, redis_server):
+    """Redis applied a sync whose reply was lost: the resent failures are not counted twice."""
+    proxy = _ReplyDropper(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        settings = shared_settings(
+            sim_url, f"redis://127.0.0.1:{proxy.port}/0", breaker={"fail_max": 50}
+        )
+        guard = Guard(settings, clock=FakeClock())
+        assert guard.shared is not None
+        client = redis_server.client()
+        client.flushall()
+        guard.shared.sync_now()  # loads the script: a lost NOSCRIPT reply would prove nothing
+        sim.set_fault(Fault.json_5xx(502))
+        for _ in range(3):
+            get(guard, f"{sim_url}/v1/me")
+        recorded = guard.upstreams["spotify_api"].breaker.failures_total
+        proxy.drop = True
+        guard.shared.sync_now()  # Redis adds the failures; the answer never arrives
+        assert guard.shared.status == "degraded"
+        assert client.hget(KEY, "failures_total") == str(recorded)
+        proxy.drop = False
+        get(guard, f"{sim_url}/v1/me")  # more failures join the resent ones
+        more = guard.upstreams["spotify_api"].breaker.failures_total - recorded
+        assert more > 0
+        guard.shared.sync_now()
+        assert guard.shared.status == "ok"
+        assert client.hget(KEY, "failures_total") == str(recorded + more)
+        client.close()
+    finally:
+        proxy.close()

@@ -149,6 +149,9 @@ class Breaker:
         self.epoch = 0
         """The shared episode (each open and each close starts one) this breaker is in."""
         self.unsynced_failures = 0
+        self.reported_failures = 0
+        """Every failure this breaker has put in a report, counting each once: Redis applies
+        only what it has not seen, so a report resent after a lost reply counts once."""
         self.unsynced_success = False
         self.event: str | None = None
         """``open`` or ``close``: a transition of ours the others have not heard of yet."""
@@ -374,8 +377,10 @@ class Breaker:
     def take_report(self) -> BreakerReport:
         """What happened here since the last report; the counters start again from zero."""
         with self._lock:
+            self.reported_failures += self.unsynced_failures
             report = BreakerReport(
                 failures=self.unsynced_failures,
+                reported_failures=self.reported_failures,
                 success=self.unsynced_success,
                 event=self.event,
                 event_epoch=self.event_epoch if self.event else self.epoch,
@@ -396,6 +401,7 @@ class Breaker:
         """A report that could not be delivered: keep it for the next try (nothing is lost)."""
         with self._lock:
             self.unsynced_failures += report.failures
+            self.reported_failures -= report.failures  # the next report carries them again
             self.unsynced_success = self.unsynced_success or report.success
             if self.event is None and report.event is not None:
                 self.event, self.event_epoch = report.event, report.event_epoch
@@ -434,6 +440,8 @@ class BreakerReport:
     """One breaker's news for the other workers."""
 
     failures: int
+    reported_failures: int
+    """All failures reported so far, these included: how Redis tells a resent report."""
     success: bool
     event: str | None
     event_epoch: int

@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("upstream_guard")
 
 # KEYS: per upstream (cooldown, isolated, reset, workers); then per breaker (hash, probe
-# leases, its upstream's reset and breaker index). On a cluster, one call per upstream, so
-# that every key is in that upstream's hash slot ({PREFIX:NAME}).
-# ARGV: worker, lease ttl ms, breakers, upstreams, forget ms; 4 per upstream; 10 per breaker.
+# leases, its upstream's reset and breaker index, the failures this worker has reported).
+# On a cluster, one call per upstream, so that every key is in that upstream's hash slot
+# ({PREFIX:NAME}).
+# ARGV: worker, lease ttl ms, breakers, upstreams, forget ms; 4 per upstream; 11 per breaker.
 SYNC_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -82,13 +83,18 @@ for k = 0, nc - 1 do
   table.insert(out, gen)
 end
 for i = 0, nb - 1 do
-  local h, z = KEYS[4 * nc + 4 * i + 1], KEYS[4 * nc + 4 * i + 2]
-  local rkey, index = KEYS[4 * nc + 4 * i + 3], KEYS[4 * nc + 4 * i + 4]
+  local k = 4 * nc + 5 * i
+  local h, z, rkey, index, sent = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   local delta, success, event = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   local eepoch, lstate, lage = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
   local fail_max, reset = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local want, max_probes = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
-  a = a + 10
+  local reported = tonumber(ARGV[a + 10])
+  a = a + 11
+  -- A report resent after a lost reply: count only the failures this key has not seen.
+  local seen = redis.call('GET', sent)
+  if seen then delta = math.max(0, math.min(delta, reported - tonumber(seen))) end
+  redis.call('SET', sent, reported, 'PX', forget)
   local v = redis.call('HMGET', h, 'state', 'epoch', 'opened_at', 'failures', 'reset')
   local state, epoch = v[1] or 'closed', tonumber(v[2] or '0')
   local opened, failures = tonumber(v[3] or '0'), tonumber(v[4] or '0')
@@ -269,6 +275,7 @@ class _Batch:
                     f"{tag}:probes{suffix}",
                     f"{tag}:reset",
                     f"{tag}:breakers",
+                    f"{tag}:sent{suffix}:{worker}",
                 ]
                 self.args += [
                     report.failures,
@@ -281,6 +288,7 @@ class _Batch:
                     int(s.reset_timeout_s * 1000),
                     report.want_probes,
                     s.half_open_max_calls,
+                    report.reported_failures,
                 ]
         self.args[2] = len(self.breakers)
 
