@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_outage_drill.py
 	$(BIN)/python benchmarks/bench_redis.py
+	$(BIN)/python benchmarks/bench_aiohttp.py
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

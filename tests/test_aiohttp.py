@@ -365,6 +365,54 @@ async def test_explicit_and_installed_guards_never_guard_twice(sim, sim_url, clo
     assert sim.total_hits == 2
 
 
+async def test_one_shot_aiohttp_request_is_guarded(sim, sim_url, clock):
+    """aiohttp.request(), which makes a session of its own, is guarded too."""
+    guard = Guard(make_settings(sim_url, breaker={"fail_max": 1}), clock=clock)
+    guard.instrument()
+    sim.set_fault(Fault.no_healthy_upstream())
+    async with aiohttp.request("GET", sim_url + TRACK) as response:
+        assert response.status == 503
+    with pytest.raises(CircuitOpenError):
+        async with aiohttp.request("GET", sim_url + TRACK):
+            pass
+
+
+class Echo:
+    """An ASGI upstream that keeps each request body; every other answer is a 503."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        status = 503 if len(self.bodies) % 2 else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_streamed_upload_is_sent_whole_again_on_retry(clock):
+    """A PUT whose body is an async generator is buffered, so the retry sends it whole."""
+    echo = Echo()
+
+    async def upload():
+        for part in (b"play", b"list"):
+            yield part
+
+    with serve(echo, lifespan="off") as url:
+        guard = Guard(make_settings(url, retry={"attempts": 2}), clock=clock)
+        async with aiohttp.ClientSession(middlewares=[guard.aiohttp_middleware()]) as session:
+            async with session.put(f"{url}/v1/playlists/p1/tracks", data=upload()) as response:
+                assert response.status == 200
+                assert await response.read() == b"playlist"
+    assert echo.bodies == [b"playlist", b"playlist"]
+
+
 # -- awkward sessions ----------------------------------------------------------------------------
 
 
