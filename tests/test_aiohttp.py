@@ -384,6 +384,7 @@ class Echo:
         self.bodies: list[bytes] = []
 
     async def __call__(self, scope, receive, send):
+        assert scope["type"] == "http"  # served with lifespan="off"
         body = b""
         while True:
             message = await receive()
