@@ -382,6 +382,7 @@ class Echo:
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
+        self.headers: list[dict[bytes, bytes]] = []
 
     async def __call__(self, scope, receive, send):
         assert scope["type"] == "http"  # served with lifespan="off"
@@ -392,6 +393,7 @@ class Echo:
             if not message.get("more_body"):
                 break
         self.bodies.append(body)
+        self.headers.append(dict(scope["headers"]))
         status = 503 if len(self.bodies) % 2 else 200
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": body})
@@ -412,6 +414,31 @@ async def test_streamed_upload_is_sent_whole_again_on_retry(clock):
                 assert response.status == 200
                 assert await response.read() == b"playlist"
     assert echo.bodies == [b"playlist", b"playlist"]
+
+
+async def test_attempts_are_spans_and_carry_the_trace_context(clock):
+    """With an SDK: one logical span by template, a CLIENT span per attempt, traceparent sent."""
+    from opentelemetry.trace import SpanKind
+
+    from otel_sdk import install_sdk
+
+    exporter, _ = install_sdk()
+    echo = Echo()
+    with serve(echo, lifespan="off") as url:
+        guard = Guard(make_settings(url, retry={"attempts": 2}), clock=clock)
+        async with aiohttp.ClientSession(middlewares=[guard.aiohttp_middleware()]) as session:
+            async with session.get(f"{url}{TRACK}") as response:
+                assert response.status == 200
+    spans = exporter.get_finished_spans()
+    exporter.clear()
+    (logical,) = [s for s in spans if s.name == "spotify_api GET /v1/tracks/{id}"]
+    attempts = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert len(attempts) == 2
+    assert all(
+        a.parent is not None and a.parent.span_id == logical.context.span_id for a in attempts
+    )
+    sent = [h[b"traceparent"].decode().split("-")[2] for h in echo.headers]
+    assert sent == [format(a.context.span_id, "016x") for a in attempts]
 
 
 # -- awkward sessions ----------------------------------------------------------------------------

@@ -142,8 +142,8 @@ class Adapter:
                 task.uncancel()
                 message = f"the attempt timed out after {timeout_s:g} s"
                 raise aiohttp.ServerTimeoutError(message) from exc
-            if session.closed and isinstance(exc, Exception):
-                _closed_by_caller.add(id(exc))
+            if session.closed and isinstance(exc, self.attempt_errors):
+                _closed_by_caller.add(id(exc))  # error_kind() takes it out next
             raise  # aiohttp's own error, as it is
         finally:
             timer.cancel()
