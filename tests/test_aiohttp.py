@@ -217,6 +217,37 @@ async def test_attempt_timeout_is_a_server_timeout_error(chaos, clock):
     assert caught.value.reason == "timeout"
 
 
+async def test_concurrent_attempts_each_time_out_at_their_own_deadline(chaos, sim, sim_url, clock):
+    """Attempts of 0.1 s and 0.3 s on one loop end at their own times; a healthy one is kept."""
+    loop = asyncio.get_running_loop()
+    timed_out = asyncio.Event()
+
+    async def call(attempt_s: float) -> float:
+        settings = make_settings(chaos.url, retry={"attempts": 1}, timeout={"attempt_s": attempt_s})
+        guard = Guard(settings, clock=clock)
+        started = loop.time()
+        async with aiohttp.ClientSession(middlewares=[guard.aiohttp_middleware()]) as session:
+            with pytest.raises(aiohttp.ServerTimeoutError):
+                await session.get(f"{chaos.url}/v1/chaos/hang/{attempt_s}")
+        return loop.time() - started
+
+    async def healthy() -> int:
+        guard = Guard(make_settings(sim_url, timeout={"attempt_s": 0.2}), clock=clock)
+        async with aiohttp.ClientSession(middlewares=[guard.aiohttp_middleware()]) as session:
+            async with session.get(sim_url + TRACK) as response:
+                await timed_out.wait()  # held past its attempt time, after the attempt ended
+                return response.status
+
+    async def both() -> list[float]:
+        times = await asyncio.gather(call(0.3), call(0.1))
+        timed_out.set()
+        return times
+
+    (late, early), status = await asyncio.gather(both(), healthy())
+    assert 0.1 <= early < 0.3 <= late < 1.0
+    assert status == 200
+
+
 async def test_garbled_answer_is_the_clients_error_and_a_connection_error(chaos, clock):
     """A status line that is not HTTP: aiohttp's ClientResponseError, also ClientConnectionError."""
     guard = Guard(make_settings(chaos.url, retry={"attempts": 2}), clock=clock)

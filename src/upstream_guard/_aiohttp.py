@@ -18,8 +18,10 @@ import contextlib
 import functools
 import http
 import inspect
+import math
 import threading
 import types
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,9 +44,86 @@ Response = aiohttp.ClientResponse
 Handler = aiohttp.ClientHandlerType
 
 
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
-    expired.append(True)
-    task.cancel()
+class _Watchdog:
+    """The attempt timeouts of one event loop, on one timer.
+
+    ``asyncio.timeout()`` arms and cancels a timer per attempt, which came to a third of the
+    guard's work on a healthy call. Here the loop's one timer is armed for the earliest
+    deadline; when it fires it cancels the attempts past theirs and re-arms for the next.
+    A healthy attempt only enters and leaves a dict.
+    """
+
+    __slots__ = ("armed_for", "deadlines", "expired", "timer")
+
+    def __init__(self) -> None:
+        # No reference to the loop: the loop is the key of its watchdog in a weak mapping.
+        self.deadlines: dict[asyncio.Task[Any], float] = {}  # a task runs one attempt at a time
+        self.expired: set[asyncio.Task[Any]] = set()
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed_for = math.inf
+
+    def watch(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], seconds: float
+    ) -> float | None:
+        """Cancel ``task`` if its attempt is not done within ``seconds``.
+
+        Returns what ``done`` needs: the deadline of an attempt the task was already in.
+        """
+        deadline = loop.time() + seconds
+        outer = self.deadlines.get(task)
+        self.deadlines[task] = deadline
+        if deadline < self.armed_for:
+            self._arm(loop, deadline)
+        return outer
+
+    def done(self, task: asyncio.Task[Any], outer: float | None) -> bool:
+        """The attempt is over; whether the watchdog cancelled it."""
+        if outer is None:
+            del self.deadlines[task]
+        else:
+            self.deadlines[task] = outer
+        if task in self.expired:
+            self.expired.discard(task)
+            return True
+        return False
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.armed_for = deadline
+        self.timer = loop.call_at(deadline, self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer, self.armed_for = None, math.inf
+        now = loop.time()
+        earliest = math.inf
+        for task, deadline in self.deadlines.items():
+            if deadline <= now:
+                if task not in self.expired:
+                    self.expired.add(task)
+                    task.cancel()
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest < math.inf:
+            self._arm(loop, earliest)
+
+
+_watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = (
+    weakref.WeakKeyDictionary()
+)
+_last: tuple[Callable[[], Any], _Watchdog | None] = (lambda: None, None)
+
+
+def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
+    global _last  # noqa: PLW0603 - the last loop's, found without a lookup
+    last_loop, found = _last
+    if last_loop() is loop and found is not None:
+        return found
+    found = _watchdogs.get(loop)
+    if found is None:
+        found = _watchdogs[loop] = _Watchdog()
+    _last = (weakref.ref(loop), found)
+    return found
 
 
 def _replay(body: bytes) -> aiohttp.StreamReader:
@@ -127,26 +206,24 @@ class Adapter:
             closed = aiohttp.ClientConnectionError("Session is closed")
             _closed_by_caller.add(id(closed))
             raise closed
-        # What asyncio.timeout() does, at half its cost (a third of the guard's own work):
-        # cancel the task when the time is up, and say so as aiohttp's ServerTimeoutError.
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - aiohttp runs in a task
-        expired: list[bool] = []
-        timer = task.get_loop().call_later(timeout_s, _expire, task, expired)
+        loop = task.get_loop()
+        watchdog = _watchdog(loop)
+        outer = watchdog.watch(loop, task, timeout_s)
         try:
             response = await sender(request)
             if response.status in FAILURE_BODY:  # its body too, within the time
                 await self.read_failure(response)
         except BaseException as exc:
-            if expired:
+            if watchdog.done(task, outer):
                 task.uncancel()
                 message = f"the attempt timed out after {timeout_s:g} s"
                 raise aiohttp.ServerTimeoutError(message) from exc
             if session.closed and isinstance(exc, self.attempt_errors):
                 _closed_by_caller.add(id(exc))  # error_kind() takes it out next
             raise  # aiohttp's own error, as it is
-        finally:
-            timer.cancel()
+        watchdog.done(task, outer)
         return response
 
     @staticmethod
