@@ -3,10 +3,13 @@
 The guard is an aiohttp client middleware (aiohttp 3.12+): ``guard.aiohttp_middleware()``
 for a session of one's own, and, once a guard instruments the process (``install(app)``),
 the last middleware of every session's every call, so that each attempt, each redirect hop,
-goes through it below the session's own middlewares. An attempt is bounded by an asyncio
-timeout: aiohttp is asyncio-only, and so is this module. A failure answer's body is read to
-classify it and put back as the response's stream; a delivered body is watched as the
-caller reads it (``read()``, ``json()``, ``text()``, ``content.iter_chunked()``...).
+goes through it below the session's own middlewares. An attempt is bounded by its event
+loop's watchdog (one timer per loop): aiohttp is asyncio-only, and so is this module.
+aiohttp has no public hook for sessions already made, so instrumenting wraps
+``ClientSession._request`` and reads a session's ``_middlewares``; a stale copy is a
+``ClientResponse`` whose fields are filled here. A failure answer's body is read to classify
+it and put back as the response's stream; a delivered body is watched as the caller reads it
+(``read()``, ``json()``, ``text()``, ``content.iter_chunked()``...).
 ``intercepting(targets)`` sends calls for some hosts to a loopback server instead, below
 the guard. Imported only when aiohttp is used: ``import upstream_guard`` never imports it.
 """
