@@ -420,7 +420,9 @@ def _request_patch(original: Any) -> Any:
             kwargs["middlewares"] = (*chosen, HOOK)
         return original(self, *args, **kwargs)
 
-    return functools.update_wrapper(_request, original)
+    patched = functools.update_wrapper(_request, original)
+    patched.__upstream_guard__ = True  # type: ignore[attr-defined]
+    return patched
 
 
 def hook() -> None:
