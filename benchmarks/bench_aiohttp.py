@@ -55,7 +55,10 @@ URL = f"http://127.0.0.1:{port}/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp"
 
 async def main():
     guard = Guard(GuardSettings(upstreams={"spotify_api": {"hosts": [f"127.0.0.1:{port}"]}}))
-    middlewares = [guard.aiohttp_middleware()] if mode == "explicit" else []
+    async def noop(request, handler):
+        return await handler(request)
+
+    middlewares = {"explicit": [guard.aiohttp_middleware()], "noop": [noop]}.get(mode, [])
     if mode == "instrumented":
         guard.instrument()
     async with aiohttp.ClientSession(middlewares=middlewares) as session:
@@ -67,6 +70,7 @@ asyncio.run(main())
 """
 MODES = {
     "bare": "bare",
+    "noop": "a middleware that does nothing (what any middleware costs)",
     "explicit": "guarded: guard.aiohttp_middleware()",
     "instrumented": "guarded: instrumented (install)",
 }
