@@ -7,6 +7,7 @@ import inspect
 import weakref
 from pathlib import Path
 
+import aiohttp
 import httpx
 import requests.adapters
 from starlette.applications import Starlette
@@ -32,6 +33,7 @@ def patched() -> bool:
             httpx.AsyncHTTPTransport.handle_async_request,
             httpx.HTTPTransport.handle_request,
             requests.adapters.HTTPAdapter.send,
+            aiohttp.ClientSession._request,
         )
     )
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Run the own test suites of httpx and requests twice each: as they are (baseline), and with
+# Run the own test suites of httpx, requests and aiohttp (its client tests) twice each: as they are (baseline), and with
 # every call to their local test servers going through upstream_guard (guard_plugin.py).
 #
 #   checks/peer_suites/run.sh                 # both suites, guard from this work tree's src/
-#   checks/peer_suites/run.sh httpx           # one suite (httpx | requests)
+#   checks/peer_suites/run.sh httpx           # one suite (httpx | requests | aiohttp)
 #   GUARD_REF=HEAD checks/peer_suites/run.sh  # guard from a commit (git archive, read-only)
 #
-# Needs the two upstream repositories as bare git dirs (the search tool's fetch of
-# github:encode/httpx and github:psf/requests puts them at the default paths below). Their code
+# Needs the upstream repositories as bare git dirs (the search tool's fetch of
+# github:encode/httpx, github:psf/requests and github:aio-libs/aiohttp puts them at the
+# default paths below). Their code
 # is exported to $PEER (default /tmp/peer), never into this repository. Only PyPI is used.
 # See README.md beside this file.
 set -uo pipefail
@@ -17,13 +18,15 @@ ROOT=$(cd "$HERE/../.." && pwd)
 PEER=${PEER:-/tmp/peer}
 HTTPX_GIT=${HTTPX_GIT:-/work/.mirror/encode+httpx/repo}
 REQUESTS_GIT=${REQUESTS_GIT:-/work/.mirror/psf+requests/repo}
+AIOHTTP_GIT=${AIOHTTP_GIT:-/work/.mirror/aio-libs+aiohttp/repo}
 HTTPX_TAG=${HTTPX_TAG:-0.28.1}
 REQUESTS_TAG=${REQUESTS_TAG:-v2.34.2}
+AIOHTTP_TAG=${AIOHTTP_TAG:-v3.14.3}
 RUN_TIMEOUT=${RUN_TIMEOUT:-900}   # seconds per pytest run
 VENV="$PEER/venv"
 PY="$VENV/bin/python"
 LOGS="$PEER/logs"
-SUITES=("${@:-httpx requests}")
+SUITES=("${@:-httpx requests aiohttp}")
 read -r -a SUITES <<<"${SUITES[*]}"
 
 die() { echo "run.sh: $*" >&2; exit 2; }
@@ -38,15 +41,20 @@ export_tree() {  # name git-dir tag
     echo "$3" >"$dest/.peer-tag"
 }
 mkdir -p "$PEER" "$LOGS"
-export_tree httpx "$HTTPX_GIT" "$HTTPX_TAG" encode/httpx
-export_tree requests "$REQUESTS_GIT" "$REQUESTS_TAG" psf/requests
+for suite in "${SUITES[@]}"; do
+    case "$suite" in
+        httpx) export_tree httpx "$HTTPX_GIT" "$HTTPX_TAG" encode/httpx ;;
+        requests) export_tree requests "$REQUESTS_GIT" "$REQUESTS_TAG" psf/requests ;;
+        aiohttp) export_tree aiohttp "$AIOHTTP_GIT" "$AIOHTTP_TAG" aio-libs/aiohttp ;;
+    esac
+done
 
 # 2. A venv of its own: this project (editable) + the libraries and their test requirements.
 if [[ ! -x "$PY" ]] || ! cmp -s "$HERE/requirements-peer.txt" "$VENV/.peer-requirements"; then
     python3 -m venv "$VENV" || die "python3 -m venv failed"
     "$PY" -m pip install -q -e "$ROOT" -r "$HERE/requirements-peer.txt" 2>&1 |
         grep -v "is ignored: it is neither a file nor a directory" || true
-    "$PY" -c "import httpx, requests, pytest_httpbin, trustme, uvicorn, upstream_guard" ||
+    "$PY" -c "import httpx, requests, aiohttp, pytest_httpbin, trustme, uvicorn, upstream_guard" ||
         die "pip install failed"
     cp "$HERE/requirements-peer.txt" "$VENV/.peer-requirements"
 fi
@@ -77,10 +85,15 @@ deselect_args() {  # file -> --deselect args (the node id is the line up to "  #
 
 status=0
 for suite in "${SUITES[@]}"; do
+    targets=(tests) options=()
     case "$suite" in
         httpx) workers=() ;;  # its session server listens on the fixed port 8000: serial
         requests) workers=(-n 2) ;;
-        *) die "unknown suite $suite (httpx | requests)" ;;
+        aiohttp)  # its client tests against its own test servers; its setup.cfg's addopts off
+            workers=(-n 2)
+            targets=(tests/test_client_functional.py tests/test_client_middleware.py)
+            options=(-o addopts= -m "not dev_mode and not autobahn and not internal") ;;
+        *) die "unknown suite $suite (httpx | requests | aiohttp)" ;;
     esac
     mapfile -t deselect < <(deselect_args "$HERE/deselect-$suite.txt")
     echo "== $suite $(cat "$PEER/$suite/.peer-tag"): ${#deselect[@]} tests deselected (deselect-$suite.txt)"
@@ -93,8 +106,8 @@ for suite in "${SUITES[@]}"; do
             cd "$PEER/$suite" &&
             NETBLOCK_LOG="$LOGS/$suite-$mode.net" \
             PYTHONPATH="$GUARD_SRC:$HERE" \
-            timeout -k 30 "$RUN_TIMEOUT" "$PY" -m pytest tests -q -rfE -p no:cacheprovider \
-                "${plugins[@]}" "${workers[@]}" "${deselect[@]}" \
+            timeout -k 30 "$RUN_TIMEOUT" "$PY" -m pytest "${targets[@]}" -q -rfE -p no:cacheprovider \
+                "${plugins[@]}" "${workers[@]}" "${options[@]}" "${deselect[@]}" \
                 --junitxml="$LOGS/$suite-$mode.xml" -o junit_family=xunit1
         ) >"$log" 2>&1
         rc=$?

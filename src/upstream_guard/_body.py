@@ -33,6 +33,10 @@ class BodyWatch:
         self._request = exchange.request
         self._deadline = exchange.deadline
 
+    def remaining(self) -> float:
+        """Seconds left until the call's deadline (none left: zero or less)."""
+        return self._deadline - self._rt.clock.monotonic()
+
     def passed(self, chunk: bytes) -> bytes:
         """The chunk, if it came before the deadline; else the client's read timeout."""
         if self._rt.clock.monotonic() > self._deadline:

@@ -324,7 +324,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         import uvicorn  # noqa: PLC0415 - only this subcommand serves
     except ImportError:
         raise CommandError(
-            "simulate needs uvicorn: pip install 'upstream-guard[simulator]'"
+            "simulate needs uvicorn: pip install 'upstream-guard[testing]'"
         ) from None
     sim = SpotifySimulator(control_path=CONTROL_PATH)
     sim.set_fault(fault, args.prefix)

@@ -39,7 +39,7 @@ class BulkheadFullError(UpstreamUnavailable):
     """The upstream already has ``max_concurrency`` calls in flight."""
 
 
-_CLASSES: dict[tuple[type[UpstreamUnavailable], type[BaseException]], type[Any]] = {}
+_CLASSES: dict[tuple[type[BaseException], ...], type[Any]] = {}
 _MADE: set[type[Any]] = set()
 
 
@@ -48,16 +48,17 @@ def is_client_error(exc: BaseException) -> bool:
     return type(exc) in _MADE
 
 
-def _both(ours: type[UpstreamUnavailable], theirs: type[BaseException], name: str) -> type[Any]:
-    """A class that is ``ours`` and ``theirs`` at once, made once per pair, then reused."""
-    cls = _CLASSES.get((ours, theirs))
+def _both(ours: type[UpstreamUnavailable], *theirs: type[BaseException], name: str) -> type[Any]:
+    """A class that is ``ours`` and each of ``theirs`` at once, made once, then reused."""
+    key = (ours, *theirs)
+    cls = _CLASSES.get(key)
     if cls is None:
         try:
-            cls = type(name, (ours, theirs), {"__module__": "upstream_guard"})
+            cls = type(name, key, {"__module__": "upstream_guard"})
             _MADE.add(cls)
         except TypeError:  # layouts that cannot be combined: ours alone still tells the story
             cls = ours
-        _CLASSES[(ours, theirs)] = cls
+        _CLASSES[key] = cls
     return cls
 
 
@@ -72,13 +73,17 @@ def as_client_error(
     When the call ended on an attempt's own error (``error.__cause__``: a ``ReadTimeout``,
     a ``ConnectError``...), the result is an instance of that error's class too, with its
     message and attributes: ``except httpx.ReadTimeout`` still matches, and ``str()`` reads
-    as the client's. The guard's account of the call is added as a note. Otherwise (a
-    refusal), it is an instance of ``base``, the client's family of transport errors.
+    as the client's, and of ``base`` when that class is not one already (aiohttp's
+    ``ClientPayloadError`` is no ``ClientConnectionError``). The guard's account of the call
+    is added as a note. Otherwise (a refusal), it is an instance of ``base``, the client's
+    family of transport errors.
     """
     cause = error.__cause__
     cls = type(error)
     if isinstance(error, RetriesExhaustedError) and cause is not None:
-        cls = _both(type(error), type(cause), type(cause).__name__)
+        theirs = type(cause)
+        extra = () if issubclass(theirs, base) else (base,)
+        cls = _both(type(error), theirs, *extra, name=theirs.__name__)
     if cause is not None and cls is not type(error):  # combined with the cause's class
         mapped = cls.__new__(cls)
         mapped.args = cause.args  # set here: OSError's __new__ leaves them to an __init__
@@ -88,7 +93,7 @@ def as_client_error(
         mapped.__notes__ = [*notes, f"upstream_guard: {error}"]
         mapped.__dict__.update(error.__dict__)  # upstream, reason, retry_after_s
         return mapped
-    make = _both(type(error), base, type(error).__name__)
+    make = _both(type(error), base, name=type(error).__name__)
     mapped = make(
         str(error), upstream=error.upstream, reason=error.reason, retry_after_s=error.retry_after_s
     )

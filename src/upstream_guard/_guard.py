@@ -17,6 +17,7 @@ from ._settings import GuardSettings, ascii_host
 from ._transports import flavor_of
 
 if TYPE_CHECKING:
+    import aiohttp
     import httpx
     import requests
 
@@ -119,6 +120,16 @@ class Guard:
 
         return guarded_session(self)
 
+    def aiohttp_middleware(self) -> aiohttp.ClientMiddlewareType:
+        """An aiohttp client middleware whose calls to guarded hosts go through this guard.
+
+        ``aiohttp.ClientSession(middlewares=[guard.aiohttp_middleware()])``, without
+        ``install``; put it last, below the session's other middlewares. asyncio only.
+        """
+        from ._aiohttp import middleware  # noqa: PLC0415 - aiohttp is optional
+
+        return middleware(self)
+
     def subscribe(self, fn: Callable[[CallEvent], None]) -> Callable[[], None]:
         """Call ``fn(event)`` after every guarded call; returns a function that stops it.
 
@@ -129,7 +140,7 @@ class Guard:
         return self._subscribers.add(fn)
 
     def instrument(self) -> None:
-        """Guard httpx, httpx2 and requests calls made anywhere in this process.
+        """Guard httpx, httpx2, requests and aiohttp calls made anywhere in this process.
 
         ``install(app)`` does it for an app. Clients keep working as they are; calls to
         hosts no upstream names pass straight through. The guard is held until ``close()``,

@@ -1,8 +1,9 @@
-"""Client instrumentation: httpx, httpx2 and requests calls go through the active guard.
+"""Client instrumentation: httpx, httpx2, requests and aiohttp calls go through the active guard.
 
 ``guard.instrument()`` (which ``install(app)`` calls) patches the real transports' send
-methods (``HTTPTransport.handle_request``, ``AsyncHTTPTransport.handle_async_request``, and
-``HTTPAdapter.send`` for requests), so clients created anywhere (inside tekore, spotipy, a
+methods (``HTTPTransport.handle_request``, ``AsyncHTTPTransport.handle_async_request``,
+``HTTPAdapter.send`` for requests) and adds the guard's middleware to every aiohttp call
+(``_aiohttp.hook``), so clients created anywhere (inside tekore, spotipy, a
 route) are guarded without changes. Hosts that no upstream names pass straight through. The
 guard that applies is the one the middleware set for the request being served, else the
 most recently instrumented one still alive.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 _lock = threading.RLock()
 _installed: list[Callable[[], Guard | None]] = []  # weak references, or holders of a guard
 _originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) to restore
+_undo: list[Callable[[], None]] = []  # what else restores a client (aiohttp's unhook)
 
 
 def active_guard() -> Guard | None:
@@ -53,7 +55,7 @@ def instrument(guard: Guard, *, weak: bool) -> None:
     with _lock:
         _forget(guard)
         _installed.append(weakref.ref(guard, _collected) if weak else _Held(guard))
-        if not _originals:
+        if not state.patched:
             _patch_all()
             state.patched = True
 
@@ -95,6 +97,8 @@ def _restore_if_unused() -> None:
     for owner, name, original in reversed(_originals):
         setattr(owner, name, original)
     _originals.clear()
+    while _undo:
+        _undo.pop()()
     state.patched = False
 
 
@@ -114,6 +118,13 @@ def _patch_all() -> None:
             module = found.module
             _patch(module.AsyncHTTPTransport, "handle_async_request", _async_patch(found))
             _patch(module.HTTPTransport, "handle_request", _sync_patch(found))
+    try:
+        from . import _aiohttp  # noqa: PLC0415 - optional: only when aiohttp is installed
+    except ImportError:
+        pass
+    else:
+        _aiohttp.hook()
+        _undo.append(_aiohttp.unhook)
     try:
         import requests.adapters  # noqa: PLC0415 - optional: only when requests is installed
     except ImportError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, assert_type
 
+import aiohttp
 import httpx
 import requests
 from fastapi import FastAPI
@@ -53,6 +54,8 @@ def clients(guard: Guard) -> None:
     assert_type(guard.requests_session(), requests.Session)
     httpx.AsyncClient(transport=guard.async_transport())
     httpx.Client(transport=guard.sync_transport())
+    assert_type(guard.aiohttp_middleware(), aiohttp.ClientMiddlewareType)
+    aiohttp.ClientSession(middlewares=[guard.aiohttp_middleware()])
     guard.instrument()
     guard.close()
 
