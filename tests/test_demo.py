@@ -173,19 +173,6 @@ def test_demo_sends_each_route_and_reads_the_guard_headers(demo):
     ]
 
 
-def _aiohttp_hook_present() -> bool:
-    if importlib.util.find_spec("upstream_guard._aiohttp") is None:
-        return False
-    return hasattr(importlib.import_module("upstream_guard._aiohttp"), "intercepting")
-
-
-needs_aiohttp_hook = pytest.mark.skipif(
-    not _aiohttp_hook_present(),
-    reason="upstream_guard._aiohttp.intercepting lands with the aiohttp adapter (issue 13)",
-)
-
-
-@needs_aiohttp_hook
 def test_me_route_through_spotifyaio_is_guarded(example, clock):
     """/me (spotifyaio, https://api.spotify.com hard-coded) answers, then 503 problem in an outage.
 
@@ -204,7 +191,6 @@ def test_me_route_through_spotifyaio_is_guarded(example, clock):
     assert outage.json()["upstream"] == "spotify_api"
 
 
-@needs_aiohttp_hook
 def test_demo_spotifyaio_check_passes_with_the_adapter(demo, example):
     """The demo's spotifyaio check sees 200 then a 503 problem, and says so."""
     lines, checks = demo.check_spotifyaio_route(example.create_app)

@@ -8,7 +8,6 @@ no ``hosts`` pointed anywhere).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -355,23 +354,9 @@ def test_a_second_interception_is_refused_clearly(spotify):
 
 
 # -- spotifyaio (aiohttp): needs the aiohttp adapter's interception hook ------------------------
+# -- spotifyaio (aiohttp, so asyncio only) -------------------------------------------------------
 
 
-def _aiohttp_hook_present() -> bool:
-    if importlib.util.find_spec("upstream_guard._aiohttp") is None:
-        return False
-    from upstream_guard import _aiohttp  # type: ignore[attr-defined]
-
-    return hasattr(_aiohttp, "intercepting")
-
-
-needs_aiohttp_hook = pytest.mark.skipif(
-    not _aiohttp_hook_present(),
-    reason="upstream_guard._aiohttp.intercepting lands with the aiohttp adapter (issue 13)",
-)
-
-
-@needs_aiohttp_hook
 def test_spotifyaio_unmodified_gets_its_documents_and_a_503_in_an_outage(spotify):
     """spotifyaio (https://api.spotify.com:443, hard-coded) is answered; an outage is a 503 problem.
 

@@ -84,15 +84,12 @@ class _AsRealHost:
 
 
 def _aiohttp_intercepting() -> Callable[[Mapping[str, str]], AbstractContextManager[None]] | None:
-    """The aiohttp adapter's hook, when aiohttp is installed and the adapter is present."""
+    """The aiohttp adapter's hook, when aiohttp is installed (imported only then)."""
     if importlib.util.find_spec("aiohttp") is None:
         return None
-    if importlib.util.find_spec(f"{__package__}._aiohttp") is None:
-        return None
-    module = importlib.import_module(f"{__package__}._aiohttp")
-    hook: Callable[[Mapping[str, str]], AbstractContextManager[None]] | None
-    hook = getattr(module, "intercepting", None)
-    return hook
+    from ._aiohttp import intercepting  # noqa: PLC0415 - aiohttp is optional
+
+    return intercepting
 
 
 @contextmanager
