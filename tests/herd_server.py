@@ -26,7 +26,8 @@ def who(authorization: str) -> str:
 
 class HerdServer:
     """An ASGI app: ``hits`` by path; modes ``ok``, ``fail`` (503), ``big`` (a large body),
-    ``chunked`` (a large body in pieces, without Content-Length)."""
+    ``chunked`` (a large body in pieces, without Content-Length), ``sized`` (as ``ok``, with
+    a Content-Length)."""
 
     def __init__(self) -> None:
         """Healthy, not holding."""
@@ -92,10 +93,14 @@ class HerdServer:
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             return
-        await _answer(send, 200, body, "application/json")
+        await _answer(send, 200, body, "application/json", sized=self.mode == "sized")
 
 
-async def _answer(send: Any, status: int, body: bytes, content_type: str) -> None:
+async def _answer(
+    send: Any, status: int, body: bytes, content_type: str, *, sized: bool = False
+) -> None:
     headers = [(b"content-type", content_type.encode()), (b"cache-control", b"private")]
+    if sized:
+        headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

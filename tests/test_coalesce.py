@@ -495,3 +495,39 @@ async def test_a_requests_leader_that_streams_is_never_read_for_others(herd, her
     assert leader.raw.read()  # the leader's stream is whole and unread
     assert herd.total == 4
     assert [r.status_code for r in results] == [200] * 3
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # aiohttp runs on asyncio only
+async def test_twenty_identical_aiohttp_gets_make_one_call(herd, herd_url, clock, anyio_backend):
+    """aiohttp joins the same flight: 20 identical GETs, 1 upstream call, 20 own responses.
+
+    Only answers with a Content-Length are shared on aiohttp (it cannot put part of a read
+    stream back); an unsized one is its caller's alone and its followers call for themselves.
+    """
+    import aiohttp
+
+    herd.mode = "sized"
+    guard = Guard(make_settings(herd_url), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    async with aiohttp.ClientSession(middlewares=(guard.aiohttp_middleware(),)) as session:
+
+        async def get() -> tuple[int, Any, Any]:
+            async with session.get(herd_url + PLAYLIST, headers=AUTH) as response:
+                return response.status, await response.json(), response
+
+        results = await herd_of(20, get, herd, guard)
+    assert herd.total == 1
+    assert len({id(r[2]) for r in results}) == 20  # each caller its own response object
+    for status, body, _ in results:
+        assert status == 200
+        assert body["query"] == "market=SE&fields=name"
+        assert body["who"] == who(AUTH["Authorization"])
+    assert sorted(e.coalesced for e in events) == [False] + [True] * 19
+    herd.mode = "ok"  # unsized: not shared, each follower calls for itself and is answered
+    herd.hits.clear()
+    events.clear()
+    async with aiohttp.ClientSession(middlewares=(guard.aiohttp_middleware(),)) as session:
+        results = await herd_of(5, get, herd, guard)
+    assert [r[0] for r in results] == [200] * 5
+    assert herd.total == 5

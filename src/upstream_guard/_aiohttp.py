@@ -238,6 +238,25 @@ class Adapter:
     read_copy = read_failure  # aiohttp decodes as it reads: the copy is the decoded body
 
     @staticmethod
+    async def read_shared(response: Response, limit: int) -> bytes | None:
+        # Shared only when its length is known and within the cap: aiohttp has no public way
+        # to put back part of a stream, so a longer or unsized body is left to its caller
+        # (its followers then make their own calls).
+        length = response.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > limit:
+            return None
+        body = await response.read()
+        response.content = _replay(body)
+        return body
+
+    @staticmethod
+    def content(request: Request) -> bytes | None:
+        body = request.body
+        if isinstance(body, aiohttp.BytesPayload):  # a form or bytes: known before it is sent
+            return body.decode("latin-1").encode("latin-1")
+        return None
+
+    @staticmethod
     async def close(response: Response) -> None:
         response.release()
 
