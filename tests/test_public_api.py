@@ -76,6 +76,7 @@ def test_sync_runner_is_the_async_runner_without_await():
         .replace("AsyncAdapter", "SyncAdapter")
         .replace("an async client", "a sync client")
         .replace("await rt.clock.sleep(", "rt.clock.sleep_sync(")
+        .replace("await rt.pace.reserve(", "rt.pace.reserve_sync(")
         .replace("await ", "")
     )
     assert rewritten == inspect.getsource(_call.run_sync)

@@ -304,6 +304,8 @@ def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
         step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
+                if step.reserve_within_s is not None:
+                    step = x.reserved(*rt.pace.reserve_sync(step.reserve_within_s))
                 rt.clock.sleep_sync(step.seconds)
                 step = x.after_wait()
                 continue
@@ -351,6 +353,8 @@ async def run_async(  # noqa: C901, PLR0912 - one call's steps read best in one 
         step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
+                if step.reserve_within_s is not None:
+                    step = x.reserved(*await rt.pace.reserve(step.reserve_within_s))
                 await rt.clock.sleep(step.seconds)
                 step = x.after_wait()
                 continue

@@ -115,6 +115,10 @@ class SharedState:
         """``starting``, ``ok`` or ``degraded`` (Redis unreachable: local state only)."""
         self.round_trips = 0
         self.failed_round_trips = 0
+        from ._pace import attach  # noqa: PLC0415 - the pace's own Redis code
+
+        self.pace = attach(guard, url, prefix, self._timeout_s)
+        """Slots of the fleet's pace, taken by calls (only while a pace is in force)."""
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -125,6 +129,7 @@ class SharedState:
         self._stop.clear()
         for rt in self._guard.upstreams.values():
             rt.cooldown.on_throttle = self.wake
+            rt.pace.on_learn = self.wake
         self._guard.state_hooks.append(self._on_state_change)
         self._thread = threading.Thread(target=self._run, name="upstream-guard-redis", daemon=True)
         self._thread.start()
@@ -140,6 +145,7 @@ class SharedState:
             self._guard.state_hooks.remove(self._on_state_change)
         for rt in self._guard.upstreams.values():
             rt.cooldown.on_throttle = None
+            rt.pace.on_learn = None
 
     def wake(self) -> None:
         """Sync now instead of at the next tick (a trip or a 429 is news for everyone)."""
@@ -166,6 +172,7 @@ class SharedState:
             )
             try:
                 await self.sync_once(client.register_script(SYNC_SCRIPT))
+                await self.sync_paces(client)
             finally:
                 await client.aclose()
 
@@ -196,6 +203,7 @@ class SharedState:
         try:
             while True:
                 await self.sync_once(script)
+                await self.sync_paces(client)
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -257,6 +265,19 @@ class SharedState:
             log.warning("upstream_guard: Redis is back; sharing state again")
         self.status = "ok"
         self._adopt(result, breakers, upstreams)
+
+    async def sync_paces(self, client: Any) -> None:
+        """The paces' round trip: learned rates and live workers (see ``_pace``)."""
+        from ._pace import sync_paces  # noqa: PLC0415 - the pace's own Redis code
+
+        ttl_ms = int(max(2.0, self._interval_s * 10) * 1000)
+        try:
+            await sync_paces(
+                self._guard, client, prefix=self._prefix, worker=self._worker, ttl_ms=ttl_ms
+            )
+        except Exception:  # noqa: BLE001 - Redis trouble: calls pace locally at their share
+            self.failed_round_trips += 1
+            self.pace.ok = False
 
     def _adopt(self, result: list[Any], breakers: list[Breaker], upstreams: list[Any]) -> None:
         values = [v.decode() if isinstance(v, bytes) else v for v in result]
