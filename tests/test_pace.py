@@ -16,13 +16,14 @@ from test_transport import caller, track
 from upstream_guard import (
     CallEvent,
     Guard,
+    GuardSettings,
     PaceSettings,
     RateLimitedError,
     SettingsError,
     install,
 )
 from upstream_guard._pace import BETA, GROWTH_PER_S
-from upstream_guard.testing import FakeClock, Fault
+from upstream_guard.testing import FakeClock, Fault, SpotifySimulator, serve
 
 TRACK = "3n3Ppam7vgaVa1iaRUc9Lp"
 
@@ -341,3 +342,71 @@ async def test_configured_ceiling_and_learned_pace_take_the_lower(sim, sim_url):
     pace = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
     assert pace["source"] == "learned"
     assert pace["rate_per_s"] < 50
+
+
+# -- against a rolling-window limit ----------------------------------------------------------
+
+
+@pytest.fixture
+def windowed(clock: FakeClock) -> Any:
+    """A simulator on loopback whose rolling windows run on the test's fake clock."""
+    simulator = SpotifySimulator(clock=clock.monotonic)
+    with serve(simulator) as url:
+        yield simulator, url
+
+
+def test_rolling_window_fault_throttles_until_the_oldest_call_leaves(windowed, clock):
+    """N calls per W seconds, then 429 with Retry-After until a counted call leaves."""
+    simulator, url = windowed
+    simulator.set_fault(Fault.rolling_window(3, 10))
+    with httpx.Client(base_url=url) as client:
+        for _ in range(3):  # at 0, 1 and 2 s
+            assert client.get("/v1/me").status_code == 200
+            clock.advance(1)
+        clock.advance(1)
+        throttled = client.get("/v1/me")  # at 4 s: the first leaves at 10 s
+        assert throttled.status_code == 429
+        assert throttled.headers["retry-after"] == "6"
+        clock.advance(6)
+        assert client.get("/v1/me").status_code == 200
+        again = client.get("/v1/me")
+        assert again.status_code == 429
+        assert again.headers["retry-after"] == "1"
+    assert simulator.throttled == 2
+
+
+def test_rolling_window_fault_rejects_nonsense():
+    """A window of no calls or no time is a clear error."""
+    with pytest.raises(ValueError, match="calls >= 1"):
+        Fault.rolling_window(0, 30)
+    with pytest.raises(ValueError, match="window_s > 0"):
+        Fault.rolling_window(10, 0)
+
+
+async def test_adaptive_pace_learns_an_unknown_rolling_window(clock):
+    """At 3x a 50-per-10-s limit the guard learns it: few 429s and most of the allowance used.
+
+    In process (the simulator behind httpx's ASGI transport) to keep 600 calls quick.
+    """
+    simulator = SpotifySimulator(clock=clock.monotonic)
+    simulator.set_fault(Fault.rolling_window(50, 10.0))
+    guard = Guard(GuardSettings(upstreams={"spotify_api": {"retry": {"attempts": 1}}}), clock=clock)
+    transport = guard.async_transport(httpx.ASGITransport(simulator))
+    start = clock.monotonic()
+    statuses: list[tuple[float, int]] = []
+    async with httpx.AsyncClient(transport=transport) as client:
+        for i in range(15 * 40):  # 15 calls/s offered for 40 s
+            due = start + i / 15
+            if clock.monotonic() < due:
+                clock.advance(due - clock.monotonic())
+            try:
+                status = (await client.get(track("https://api.spotify.com", i))).status_code
+            except RateLimitedError:
+                status = 0  # refused by the guard: never sent
+            statuses.append((clock.monotonic(), status))
+    late = [s for t, s in statuses if t >= start + 20]  # after two windows of learning
+    sent = [s for s in late if s]
+    goodput = sent.count(200) / (20 * 5)
+    assert sent.count(429) <= 0.02 * len(sent)
+    assert goodput >= 0.85
+    assert guard.snapshot()["upstreams"]["spotify_api"]["pace"]["source"] == "learned"

@@ -134,6 +134,7 @@ class Pace:
         """When (monotonic) the last decrease was."""
         self.news = False
         """A decrease not yet published to the fleet."""
+        self._news_after = -math.inf
         self.on_learn: Callable[[], None] | None = None
         """Called after a decrease (shared state publishes it at once)."""
         self._tat = 0.0
@@ -145,6 +146,7 @@ class Pace:
         self.next_mark = -math.inf
         self._mark_sec = [-1] * _SLOTS
         self._mark_sent = [0] * _SLOTS
+        self._mark_at = [0.0] * _SLOTS
         # Shared pacing (set by ``SharedPace`` with redis_url).
         self.shared: SharedPace | None = None
         self.workers = 1
@@ -238,6 +240,7 @@ class Pace:
         sec = int(now)
         slot = sec & (_SLOTS - 1)
         self._mark_sec[slot] = sec
+        self._mark_at[slot] = now
         self._mark_sent[slot] = self.sent
         self.next_mark = sec + 1.0
 
@@ -251,13 +254,14 @@ class Pace:
         for s in range(sec - HORIZON_S, sec + 1):
             slot = s & (_SLOTS - 1)
             if self._mark_sec[slot] == s:
-                return max(0, self.sent - self._mark_sent[slot]), max(1.0, now - s)
-        return 0, 1.0
+                seconds = now - self._mark_at[slot]
+                return max(0, self.sent - self._mark_sent[slot]), max(0.1, seconds)
+        return 0, 0.1
 
     def throttled(self, now: float, call_started: float, retry_after_s: float) -> None:
         """A 429 came for an attempt of a call started at ``call_started``: learn from it."""
         self.sent -= 1  # sent, but not accepted
-        if not self.adaptive or call_started < self.learned_at:
+        if not self.adaptive or call_started < self._news_after:
             return  # not learning, or old news: that call was sent before the last decrease
         accepted, seconds = self.accepted(now)
         if accepted <= 0:
@@ -268,6 +272,9 @@ class Pace:
         base = measured if current is None else min(measured, current)
         self.learned = max(MIN_RATE, BETA * base)
         self.learned_at = now
+        # The upstream still counts the calls measured until they leave its window: a 429
+        # for a call sent before then is their doing, not the new pace's.
+        self._news_after = now + min(seconds + max(0.0, retry_after_s), HORIZON_S / 2)
         self.active = True
         self.news = True
         log.info(

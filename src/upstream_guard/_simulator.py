@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,8 @@ class Fault:
     delay_s: float = 0.0
     failure_rate: float = 0.0
     message: str = "Error"
+    window_calls: int = 0
+    window_s: float = 0.0
 
     @classmethod
     def healthy(cls) -> Fault:
@@ -82,6 +86,19 @@ class Fault:
         return cls(kind="status", status=status, message=message)
 
     @classmethod
+    def rolling_window(cls, calls: int, window_s: float) -> Fault:
+        """A rate limit: ``calls`` answered per rolling ``window_s``, then 429s.
+
+        As Spotify's: the 429 carries a Retry-After in whole seconds (at least 1) until the
+        oldest counted call leaves the window; throttled calls are not counted.
+        """
+        if calls < 1 or window_s <= 0:
+            raise ValueError(
+                f"rolling_window needs calls >= 1 and window_s > 0, got {calls}, {window_s}"
+            )
+        return cls(kind="rolling_window", window_calls=calls, window_s=window_s)
+
+    @classmethod
     def flapping(cls, failure_rate: float) -> Fault:
         """Answer ``no healthy upstream`` to that fraction of requests, normally to the rest."""
         return cls(kind="flapping", status=503, failure_rate=failure_rate)
@@ -95,8 +112,8 @@ class SpotifySimulator:
     requests that reached it by path.
     """
 
-    def __init__(self, *, seed: int = 0) -> None:
-        """Start healthy."""
+    def __init__(self, *, seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        """Start healthy; ``clock`` times rolling windows (tests pass a fake one)."""
         self._faults: dict[str, Fault] = {}
         self._scripts: dict[str, list[Fault]] = {}
         self._lock = threading.Lock()
@@ -104,6 +121,10 @@ class SpotifySimulator:
         self._rng = random.Random(seed)  # noqa: S311 - fault injection, not crypto
         self.hits: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
+        self._clock = clock
+        self._windows: dict[Fault, deque[float]] = {}
+        self.throttled = 0
+        """Requests a rolling window answered with 429."""
 
     def set_fault(self, fault: Fault, prefix: str = "") -> None:
         """Answer requests whose path starts with ``prefix`` according to ``fault``."""
@@ -122,6 +143,8 @@ class SpotifySimulator:
             self._scripts.clear()
             self.hits.clear()
             self.requests.clear()
+            self._windows.clear()
+            self.throttled = 0
             released, self._release = self._release, threading.Event()
         released.set()
 
@@ -155,6 +178,8 @@ class SpotifySimulator:
         self.hits[path] += 1
         self.requests.append((scope["method"], path))
         fault = self._fault_for(path)
+        if fault.kind == "rolling_window":
+            fault = self._windowed(fault)
         status, headers, body = await self._answer(fault, scope)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -184,6 +209,26 @@ class SpotifySimulator:
         if kind == "slow":
             await anyio.sleep(fault.delay_s)
         return 200, _json_headers(), json.dumps(_body_for(scope)).encode()
+
+    def _windowed(self, fault: Fault) -> Fault:
+        """A rolling window's answer: healthy if the call fits (it is counted), else a 429."""
+        wait = self._window_wait(fault)
+        if wait is None:
+            return Fault()
+        return Fault.rate_limited(max(1, math.ceil(wait)))
+
+    def _window_wait(self, fault: Fault) -> float | None:
+        """Count a call in the fault's window; None if it fits, else the wait until one does."""
+        now = self._clock()
+        with self._lock:
+            log = self._windows.setdefault(fault, deque())
+            while log and log[0] <= now - fault.window_s:
+                log.popleft()
+            if len(log) < fault.window_calls:
+                log.append(now)
+                return None
+            self.throttled += 1
+            return log[0] + fault.window_s - now
 
 
 def _json_headers() -> list[tuple[bytes, bytes]]:
