@@ -410,3 +410,68 @@ async def test_adaptive_pace_learns_an_unknown_rolling_window(clock):
     assert sent.count(429) <= 0.02 * len(sent)
     assert goodput >= 0.85
     assert guard.snapshot()["upstreams"]["spotify_api"]["pace"]["source"] == "learned"
+
+
+# -- telemetry and views ---------------------------------------------------------------------
+
+
+def test_span_gauge_and_refusal_count_show_the_pace(sim, sim_url, clock):
+    """The logical span carries pace_wait_s; a gauge reports the pace; paced refusals count."""
+    from opentelemetry.trace import SpanKind
+
+    from otel_sdk import install_sdk
+    from test_telemetry import by_kind
+
+    exporter, reader = install_sdk()
+    exporter.clear()
+    pace = {"requests_per_s": 2, "burst": 1, "max_wait_s": 0.6}
+    guard = Guard(make_settings(sim_url, pace=pace), clock=clock)
+    with httpx.Client(transport=guard.sync_transport()) as client:
+        client.get(track(sim_url, 0))
+        client.get(track(sim_url, 1))  # waits half a second
+        client.get(track(sim_url, 2))  # waits half a second
+        # A call elsewhere (another thread) takes the next slot: the one after is 1 s off.
+        guard.upstreams["spotify_api"].pace.take(clock.monotonic(), 1.0)
+        with pytest.raises(RateLimitedError):
+            client.get(track(sim_url, 3))
+    spans = by_kind(exporter.get_finished_spans(), SpanKind.INTERNAL)
+    waits = [(s.attributes or {}).get("upstream_guard.pace_wait_s") for s in spans]
+    assert waits == [None, pytest.approx(0.5), pytest.approx(0.5), None]
+    data = reader.get_metrics_data()
+    points: dict[str, list[Any]] = {}
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    gauges = [
+        p.value
+        for p in points["upstream_guard.pace"]
+        if p.attributes == {"upstream_guard.upstream": "spotify_api"}
+    ]
+    assert gauges == [2.0]
+    paced = [
+        p.value
+        for p in points["upstream_guard.refused"]
+        if (p.attributes or {}).get("upstream_guard.reason") == "paced"
+    ]
+    assert paced == [1]
+    exporter.clear()
+
+
+def test_health_and_dashboard_show_the_pace(sim, sim_url, clock):
+    """GET health and the dashboard's data carry each upstream's pace and its source."""
+    app = app_calling(sim_url)
+    settings = make_settings(sim_url, pace={"requests_per_s": 3}).model_copy(
+        update={"dashboard_path": "/dash", "dashboard_allow_anonymous": True}
+    )
+    install(app, settings, clock=clock)
+    with TestClient(app) as client:
+        health = client.get("/_upstream_guard/health").json()
+        data = client.get("/dash/data").json()
+        page = client.get("/dash").text
+    expected = {"rate_per_s": 3.0, "source": "configured", "shared": "off", "refused": 0}
+    assert health["upstreams"]["spotify_api"]["pace"] == expected
+    assert data["upstreams"]["spotify_api"]["pace"] == expected
+    assert health["upstreams"]["spotify_accounts"]["pace"]["source"] == "none"
+    assert '<th class="num">pace</th>' in page
+    assert 'setField(row, "pace"' in page
