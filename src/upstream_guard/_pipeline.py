@@ -269,12 +269,12 @@ class GuardedCall(CallRecord):
                 raise self._refused(error)
             self._placed = True
         rt.budget.deposit()
-        if now >= pace.next_mark:  # the meter of attempts sent (inline: every call)
-            pace.mark(now)
-        pace.sent += 1
         permit = self.breaker.admit(now)
         if permit is None:
             raise self._refusal()  # which records the breaker's state
+        if now >= pace.next_mark:  # the meter of attempts sent (inline: every call)
+            pace.mark(now)
+        pace.sent += 1
         if permit.probe:  # closed, the record's default, otherwise
             self.breaker_state = HALF_OPEN
         self.permit = permit
