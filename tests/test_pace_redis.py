@@ -212,3 +212,27 @@ def test_two_processes_share_one_pace(redis_url):
     assert sent[-1] - sent[0] >= 0.85  # 20 calls at 20/s for the pair: about 0.95 s
     # No half second holds more than its share of the pace (10, and the burst of 1).
     assert max(sum(1 for t in sent if s <= t < s + 0.5) for s in sent) <= 11
+
+
+def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, redis_url):
+    """Two workers each measure one overload from their share: the fleet takes their mean."""
+    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    rates = []
+    guards = []
+    for calls in (30, 10):
+        clock = FakeClock(start=5000.0)
+        guard = Guard(settings, clock=clock)
+        for i in range(calls):
+            get(guard, f"{sim_url}/v1/tracks/{i:022d}")
+            clock.advance(3 / calls)
+        sim.script([Fault.rate_limited(1)])
+        assert get(guard, f"{sim_url}/v1/me").status_code == 429
+        rates.append(guard.snapshot()["upstreams"]["spotify_api"]["pace"]["rate_per_s"])
+        guards.append(guard)
+    assert rates[0] > 2 * rates[1]  # each saw its own share of the load
+    for guard in (*guards, *guards):
+        assert guard.shared is not None
+        guard.shared.sync_now()
+    for guard in guards:
+        view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
+        assert view["rate_per_s"] == pytest.approx(sum(rates) / 2, rel=0.02)

@@ -84,9 +84,9 @@ redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
 return {1, math.floor(wait)}
 """
 
-# KEYS: learned (hash: rate, at = Redis ms of the decrease), workers (zset: worker -> ms).
-# ARGV: worker, worker ttl ms, news (0|1), rate, age ms of the decrease, calm ms.
-# Answers {workers alive, rate or '', age ms of its decrease}.
+# KEYS: learned (hash: rate, at = Redis ms of the decrease, hold ms), workers (zset: worker
+# -> ms). ARGV: worker, worker ttl ms, news (0|1), rate, age ms of the decrease, calm ms,
+# hold ms. Answers {workers alive, rate or '', age ms of its decrease, hold ms}.
 SYNC_PACE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -95,19 +95,26 @@ redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 local workers = redis.call('ZCARD', KEYS[2])
-local v = redis.call('HMGET', KEYS[1], 'rate', 'at')
-local rate, at = tonumber(v[1]), tonumber(v[2] or '0')
+local v = redis.call('HMGET', KEYS[1], 'rate', 'at', 'hold')
+local rate, at, hold = tonumber(v[1]), tonumber(v[2] or '0'), tonumber(v[3] or '0')
 if ARGV[3] == '1' then
-  local incoming, iat = tonumber(ARGV[4]), now - tonumber(ARGV[5])
-  -- A newer decrease wins; two at about the same time (one overload): the lower.
-  if rate == nil or iat > at + 1000 or (iat >= at - 1000 and incoming < rate) then
-    rate, at = incoming, math.max(at, iat)
-    redis.call('HSET', KEYS[1], 'rate', string.format('%.6f', rate), 'at', at)
+  local incoming, iat, ihold = tonumber(ARGV[4]), now - tonumber(ARGV[5]), tonumber(ARGV[7])
+  local changed = true
+  if rate == nil or iat > at + 1000 then
+    rate, at, hold = incoming, iat, ihold  -- a newer decrease wins
+  elseif iat >= at - 1000 then
+    -- Two workers measured one overload, each from its own share: their mean.
+    rate, at, hold = (rate + incoming) / 2, math.max(at, iat), math.max(hold, ihold)
+  else
+    changed = false  -- older than the one kept
+  end
+  if changed then
+    redis.call('HSET', KEYS[1], 'rate', string.format('%.6f', rate), 'at', at, 'hold', hold)
     redis.call('PEXPIRE', KEYS[1], calm)
   end
 end
-if rate == nil then return {workers, '', 0} end
-return {workers, string.format('%.6f', rate), now - at}
+if rate == nil then return {workers, '', 0, 0} end
+return {workers, string.format('%.6f', rate), now - at, hold}
 """
 
 
@@ -135,6 +142,8 @@ class Pace:
         self.news = False
         """A decrease not yet published to the fleet."""
         self._news_after = -math.inf
+        self.hold_s = 0.0
+        """How long after the last decrease a 429 is old news (published with it)."""
         self.on_learn: Callable[[], None] | None = None
         """Called after a decrease (shared state publishes it at once)."""
         self._tat = 0.0
@@ -274,7 +283,8 @@ class Pace:
         self.learned_at = now
         # The upstream still counts the calls measured until they leave its window: a 429
         # for a call sent before then is their doing, not the new pace's.
-        self._news_after = now + min(seconds + max(0.0, retry_after_s), HORIZON_S / 2)
+        self.hold_s = min(seconds + max(0.0, retry_after_s), HORIZON_S / 2)
+        self._news_after = now + self.hold_s
         self.active = True
         self.news = True
         log.info(
@@ -286,14 +296,19 @@ class Pace:
         if self.on_learn is not None:
             self.on_learn()
 
-    def adopt(self, rate: float | None, age_s: float, now: float) -> None:
-        """Take the fleet's learned pace (from Redis), unless a newer decrease is unsent."""
+    def adopt(self, rate: float | None, age_s: float, hold_s: float, now: float) -> None:
+        """Take the fleet's learned pace (from Redis), unless a newer decrease is unsent.
+
+        Its hold too: a 429 here for a call sent before the fleet's decrease was drawn by
+        the old pace, as it would be after a decrease of this worker's own.
+        """
         if self.news or rate is None:
             return
-        at = now - age_s
+        at = min(now - age_s, now)
         if self.learned is None or at > self.learned_at + 1e-3 or rate != self.learned:
-            self.learned, self.learned_at = rate, min(at, now)
+            self.learned, self.learned_at = rate, at
             self.active = True
+        self._news_after = max(self._news_after, at + hold_s)
 
     def view(self) -> dict[str, Any]:
         """Health's ``pace``: rate and source, and how it is shared."""
@@ -380,7 +395,9 @@ async def sync_paces(guard: Guard, client: Any, *, prefix: str, worker: str, ttl
         sent.append(news)
         key = f"{{{prefix}:{pace.name}}}"
         age_ms = int(max(0.0, now - pace.learned_at) * 1000) if news else 0
-        args = [worker, ttl_ms, int(news), pace.learned or 0.0, age_ms, int(pace.calm_s * 1000)]
+        calm_ms = int(pace.calm_s * 1000)
+        hold_ms = int(pace.hold_s * 1000)
+        args = [worker, ttl_ms, int(news), pace.learned or 0.0, age_ms, calm_ms, hold_ms]
         await script(keys=[f"{key}:learned", f"{key}:workers"], args=args, client=pipe)
     try:
         results = await pipe.execute()
@@ -389,9 +406,9 @@ async def sync_paces(guard: Guard, client: Any, *, prefix: str, worker: str, ttl
             pace.news = pace.news or news  # publish it next time
         raise
     now = guard.clock.monotonic()
-    for pace, (workers, rate, age_ms) in zip(paces, results, strict=True):
+    for pace, (workers, rate, age_ms, hold_ms) in zip(paces, results, strict=True):
         pace.workers = max(1, int(workers))
         text = rate.decode() if isinstance(rate, bytes) else str(rate)
-        pace.adopt(float(text) if text else None, int(age_ms) / 1000, now)
+        pace.adopt(float(text) if text else None, int(age_ms) / 1000, int(hold_ms) / 1000, now)
         if pace.shared is not None:
             pace.shared.ok = True
