@@ -425,13 +425,16 @@ def test_span_gauge_and_refusal_count_show_the_pace(sim, sim_url, clock):
     exporter, reader = install_sdk()
     exporter.clear()
     pace = {"requests_per_s": 2, "burst": 1, "max_wait_s": 0.6}
-    guard = Guard(make_settings(sim_url, pace=pace), clock=clock)
+    # An upstream of its own: the gauge reports the lowest pace of each name in the process.
+    hostport = sim_url.split("://", 1)[1]
+    settings = GuardSettings(upstreams={"gauged": {"hosts": [hostport], "pace": pace}})
+    guard = Guard(settings, clock=clock)
     with httpx.Client(transport=guard.sync_transport()) as client:
         client.get(track(sim_url, 0))
         client.get(track(sim_url, 1))  # waits half a second
         client.get(track(sim_url, 2))  # waits half a second
         # A call elsewhere (another thread) takes the next slot: the one after is 1 s off.
-        guard.upstreams["spotify_api"].pace.take(clock.monotonic(), 1.0)
+        guard.upstreams["gauged"].pace.take(clock.monotonic(), 1.0)
         with pytest.raises(RateLimitedError):
             client.get(track(sim_url, 3))
     spans = by_kind(exporter.get_finished_spans(), SpanKind.INTERNAL)
@@ -446,13 +449,14 @@ def test_span_gauge_and_refusal_count_show_the_pace(sim, sim_url, clock):
     gauges = [
         p.value
         for p in points["upstream_guard.pace"]
-        if p.attributes == {"upstream_guard.upstream": "spotify_api"}
+        if p.attributes == {"upstream_guard.upstream": "gauged"}
     ]
     assert gauges == [2.0]
     paced = [
         p.value
         for p in points["upstream_guard.refused"]
         if (p.attributes or {}).get("upstream_guard.reason") == "paced"
+        and (p.attributes or {}).get("upstream_guard.upstream") == "gauged"
     ]
     assert paced == [1]
     exporter.clear()

@@ -15,6 +15,7 @@ from upstream_guard import (
     CircuitOpenError,
     Guard,
     GuardSettings,
+    PaceSettings,
     RateLimitedError,
     RetriesExhaustedError,
     UpstreamGuardMiddleware,
@@ -91,6 +92,10 @@ def settings() -> None:
     """Settings built in code."""
     upstream = UpstreamSettings(hosts=("127.0.0.1:8000",), retry={"attempts": 2})
     GuardSettings(upstreams={"spotify_api": upstream}, redis_url=None)
+    pace = PaceSettings(requests_per_s=5.0, burst=2, adaptive=True, max_wait_s=0.5, calm_s=60)
+    UpstreamSettings(hosts=("api.spotify.com",), pace=pace)
+    event_wait: float = CallEvent("a", "/", "GET", "refused", "paced", None, 0, 0.0).pace_wait_s
+    assert event_wait == 0.0
 
 
 def simulator() -> None:
@@ -98,4 +103,7 @@ def simulator() -> None:
     sim = SpotifySimulator()
     sim.set_fault(Fault.no_healthy_upstream(), "/v1/tracks")
     sim.set_fault(Fault.rate_limited(30))
+    sim.set_fault(Fault.rolling_window(90, 30.0))
+    throttled: int = SpotifySimulator(clock=FakeClock().monotonic).throttled
+    assert throttled == 0
     sim.heal()
