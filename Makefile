@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict tests/typing
 	$(BIN)/mypy --strict src
 
-# All benchmarks, about 18 minutes on two cores; each writes benchmarks/results/<name>.md.
+# All benchmarks, about 30 minutes on two cores; each writes benchmarks/results/<name>.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_middleware.py
@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_redis.py
 	$(BIN)/python benchmarks/bench_herd.py
 	$(BIN)/python benchmarks/bench_aiohttp.py
+	$(BIN)/python benchmarks/bench_quota.py
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

@@ -3,9 +3,10 @@
 Run it with ``make demo`` (or ``python examples/demo.py``). It starts two simulated Spotify
 Web APIs and two copies of ``examples/fastapi_app/app.py`` on loopback (uvicorn, in threads),
 one of them guarded by ``install(app)``, and sends each copy the same open-loop load (a fixed
-rate, whatever the answers do) while Spotify goes through: healthy -> hanging -> "no healthy
-upstream" -> a 429 storm -> healthy again. A live table shows both copies side by side; a
-plain-text summary follows. It ends by itself in about 40 s and works without a terminal.
+rate, whatever the answers do) while Spotify goes through: healthy -> a rate limit the guard
+is not told (40 calls per rolling 4 s) -> hanging -> "no healthy upstream" -> a 429 storm ->
+healthy again. A live table shows both copies side by side; a
+plain-text summary follows. It ends by itself in about 50 s and works without a terminal.
 
 Each copy has its own simulator, so "calls to Spotify" counts that copy's calls alone (and
 the guard, which only guards the hosts it is told about, leaves the unguarded copy alone).
@@ -46,6 +47,7 @@ APP_PATH = HERE / "fastapi_app" / "app.py"
 UPSTREAM = "spotify_api"
 CLIENT_TIMEOUT_S = 3.0
 RETRY_AFTER_S = 4
+QUOTA_CALLS, QUOTA_WINDOW_S = 40, 4.0
 RECENT_S = 3.0
 WIDTH = 88  # of the plain-text summary
 STATUS_EVERY_S = 4.0  # plain status lines, when there is no terminal
@@ -56,10 +58,12 @@ GUARD_SETTINGS: dict[str, Any] = {
     "retry": {"max_retry_after_s": 0.5},
     "timeout": {"attempt_s": 1, "total_s": 2},
     "fallback": {"stale_if_error": True},
+    "pace": {"calm_s": 10},
 }
 SETTINGS_TEXT = (
     "breaker.fail_max 3, breaker.reset_timeout_s 3, timeout.attempt_s 1, timeout.total_s 2, "
-    "retry.max_retry_after_s 0.5, fallback.stale_if_error true"
+    "retry.max_retry_after_s 0.5, fallback.stale_if_error true, pace.calm_s 10 (adaptive, "
+    "as by default)"
 )
 
 PLAYLISTS = (
@@ -85,6 +89,13 @@ def script(scale: float = 1.0) -> tuple[Phase, ...]:
     """The outage, phase by phase; ``scale`` stretches or shrinks every phase."""
     return (
         Phase("healthy", 6 * scale, Fault.healthy(), "Spotify answers normally"),
+        Phase(
+            "rate limit",
+            8 * scale,
+            Fault.rolling_window(QUOTA_CALLS, QUOTA_WINDOW_S),
+            f"Spotify answers {QUOTA_CALLS} calls per rolling {QUOTA_WINDOW_S:g} s and 429s "
+            "the rest (the guard is not told the limit)",
+        ),
         Phase("hang", 6 * scale, Fault.hang(), "Spotify accepts requests and never answers"),
         Phase(
             "no healthy upstream",
@@ -144,6 +155,8 @@ class Target:
     in_flight: int = 0
     sent: int = 0
     calls_at: list[int] = field(default_factory=list)  # simulator calls at each phase start
+    throttled_at: list[int] = field(default_factory=list)  # rate-limit 429s at each phase start
+    paces: list[str] = field(default_factory=list)  # the guard's pace at each phase end
     transitions: list[tuple[float, str, str]] = field(default_factory=list)
     decisions: Counter[str] = field(default_factory=Counter)  # the guard's call outcomes
     refusal_s: list[float] = field(default_factory=list)  # the guard's own time per refusal
@@ -318,6 +331,9 @@ class Demo:
             if previous is not None and previous.kind == "hang":
                 target.sim.release()  # let the requests still hanging go
             target.calls_at.append(target.calls())
+            target.throttled_at.append(target.sim.throttled)
+            if index:
+                target.paces.append(self.pace_text(target))
         self.phase = index
         self.log(f"[bold]phase {index + 1}/{len(self.phases)}: {phase.name}[/bold] - {phase.story}")
 
@@ -363,6 +379,8 @@ class Demo:
         await asyncio.sleep(max(0.0, self.total_s - self.now()))
         for target in self.targets:
             target.calls_at.append(target.calls())
+            target.throttled_at.append(target.sim.throttled)
+            target.paces.append(self.pace_text(target))
         if tasks:  # every request has a client timeout: this ends
             self.log(f"load done; waiting for the last {len(tasks)} in flight")
             await asyncio.wait(tasks, timeout=CLIENT_TIMEOUT_S + 2)
@@ -420,6 +438,16 @@ class Demo:
         left = target.guard.snapshot()["upstreams"][UPSTREAM].get("cooldown_s", 0.0)
         return f"{left:.1f} s left" if left > 0 else "-"
 
+    @staticmethod
+    def pace_text(target: Target) -> str:
+        """The guard's pace for spotify_api: rate and source."""
+        if target.guard is None:
+            return "-"
+        pace = target.guard.snapshot()["upstreams"][UPSTREAM]["pace"]
+        if pace["rate_per_s"] is None:
+            return "none"
+        return f"{pace['rate_per_s']:.1f} calls/s ({pace['source']})"
+
     def render(self) -> Group:
         """The live view."""
         phase = self.phases[self.phase]
@@ -444,6 +472,8 @@ class Demo:
         table.add_row("phase", *(phase.name for _ in both))
         table.add_row(f"breaker {UPSTREAM}", *(self.breaker_text(t) for t in both))
         table.add_row("429 cooldown", *(self.cooldown_text(t) for t in both))
+        table.add_row("pace", *(self.pace_text(t) for t in both))
+        table.add_row("rate-limit 429s", *(str(t.sim.throttled) for t in both))
         table.add_row("requests sent", *(str(t.sent) for t in both))
         table.add_row("calls to Spotify", *(str(t.calls()) for t in both))
         kinds = [Counter(r.kind for r in t.results) for t in both]
@@ -511,6 +541,10 @@ class Run:
         """Index of the last (recovery) phase."""
         return len(self.phases) - 1
 
+    def throttled_in(self, target: Target, index: int) -> int:
+        """Rate-limit 429s the target's Spotify answered during a phase."""
+        return target.throttled_at[index + 1] - target.throttled_at[index]
+
     @property
     def outage(self) -> range:
         """Indexes of the phases between the first (healthy) and the last (healed)."""
@@ -548,7 +582,7 @@ def summarize(run: Run) -> tuple[list[str], list[Check]]:
         lines.extend(_phase_line(run, t, i) for t in (run.guarded, run.unguarded))
     lines += ["", "What it shows:"]
     checks: list[Check] = []
-    for section in (_breaker, _refusals, _fallbacks, _cooldown, _recovery, _unguarded):
+    for section in (_pace, _breaker, _refusals, _fallbacks, _cooldown, _recovery, _unguarded):
         text, found = section(run)
         lines += textwrap.wrap(f"- {text}", WIDTH, subsequent_indent="  ")
         checks.extend(found)
@@ -563,6 +597,30 @@ def _phase_line(run: Run, target: Target, index: int) -> str:
         f"p50 {fmt_s(percentile(latencies, 50)):>8}  p99 {fmt_s(percentile(latencies, 99)):>8}\n"
         f"   {'':<9}  {_breakdown(results)}"
     )
+
+
+def _pace(run: Run) -> tuple[str, list[Check]]:
+    quota = next((i for i, p in enumerate(run.phases) if p.fault.kind == "rolling_window"), None)
+    if quota is None:
+        return "Pace: no rate-limit phase in this script.", []
+    share = {}
+    for t in (run.guarded, run.unguarded):
+        calls = run.calls_in(t, quota)
+        share[t.name] = (run.throttled_in(t, quota), calls)
+    (g429, gcalls), (u429, ucalls) = share["guarded"], share["unguarded"]
+    text = (
+        f"Pace: against {QUOTA_CALLS} calls per rolling {QUOTA_WINDOW_S:g} s, the guarded copy "
+        f"learned a pace from the first 429s and ended the phase at "
+        f"{run.guarded.paces[quota]}; Spotify answered it {g429} 429s of {gcalls} calls, "
+        f"the unguarded copy {u429} of {ucalls}: {u429 - g429} 429s avoided (requests above "
+        "the pace got their fallbacks at once). The learned pace lapsed after pace.calm_s."
+    )
+    learned = "learned" in run.guarded.paces[quota]
+    fewer = g429 * 3 < max(u429, 1)
+    return text, [
+        ("a pace was learned from the rate limit's 429s", learned),
+        ("the pace avoided most 429s", fewer),
+    ]
 
 
 def _breaker(run: Run) -> tuple[str, list[Check]]:

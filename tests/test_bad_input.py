@@ -40,6 +40,7 @@ from upstream_guard import (
     Guard,
     GuardSettings,
     HedgeSettings,
+    PaceSettings,
     RetrySettings,
     SettingsError,
     TimeoutSettings,
@@ -62,6 +63,7 @@ GROUPS: dict[str, type[Any]] = {
     "fallback": FallbackSettings,
     "coalesce": CoalesceSettings,
     "hedge": HedgeSettings,
+    "pace": PaceSettings,
 }
 UPSTREAM_FIELDS = [f for f in UpstreamSettings.model_fields if f not in GROUPS]
 TOP_FIELDS = [f for f in GuardSettings.model_fields if f != "upstreams"]

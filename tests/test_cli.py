@@ -90,6 +90,7 @@ def test_help_is_import_light():
         (["simulate", "--port", "70000"], 2, "port out of range"),
         (["simulate", "--port", "0", "--fault", "on_fire"], 2, "unknown fault 'on_fire'"),
         (["simulate", "--port", "0", "--fault", "flapping:2"], 2, "bad argument for fault"),
+        (["simulate", "--port", "0", "--fault", "rolling_window:90"], 2, "CALLS/SECONDS"),
         (
             ["status", "--redis", "redis://127.0.0.1:1/0"],
             1,
@@ -160,11 +161,12 @@ def test_status_of_one_app_table_and_json(sim, sim_url):
         "RETRY",
         "AFTER",
         "COOLDOWN",
+        "PACE",
     ]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["spotify_api"][:4] == ["spotify_api", "isolated", "0", "0"]
     assert rows["spotify_accounts"][1] == "closed"
-    assert "PACE" not in lines[1]  # no column without data
+    assert rows["spotify_api"][-1] == "-"  # no pace configured or learned yet
     assert json.loads(as_json.stdout) == document
 
 
@@ -297,6 +299,10 @@ def test_simulate_serves_each_fault_and_switches_over_http():
                 assert answer.status_code == status, spec
                 assert answer.headers["content-type"].startswith(kind)
             assert client.get(control).json()["faults"] == {"": "rate_limited:1"}
+            client.put(control, content="rolling_window:2/60")  # 2 calls a minute, then 429
+            window = [client.get("/v1/me").status_code for _ in range(3)]
+            assert window == [200, 200, 429]
+            assert client.get(control).json()["faults"] == {"": "rolling_window:2/60"}
             client.put(control, content="hang")
             with pytest.raises(httpx.ReadTimeout):
                 client.get("/v1/me", timeout=0.3)

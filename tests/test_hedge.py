@@ -140,6 +140,22 @@ async def test_no_hedge_with_a_half_open_breaker(herd, herd_url, clock):
     assert [(e.hedged, e.breaker_state) for e in events] == [(False, "half-open")]
 
 
+async def test_no_hedge_while_a_pace_is_in_force(herd, herd_url, clock):
+    """A paced upstream's slots are for first attempts: a slow GET is not hedged."""
+    guard, events = hedging_guard(
+        herd_url,
+        clock,
+        retry={"attempts": 1},
+        timeout={"attempt_s": 0.3, "total_s": 1},
+        pace={"requests_per_s": 100.0},
+    )
+    client = httpx.AsyncClient(transport=guard.async_transport())
+    with pytest.raises(httpx.ReadTimeout):  # the first attempt hangs, alone
+        await client.get(herd_url + "/v1/tracks/paced")
+    assert herd.hits["/v1/tracks/paced"] == 1
+    assert [e.hedged for e in events] == [False]
+
+
 class SteppedClock(FakeClock):
     """A fake clock whose async sleeps wait until the test lets them end (time then moves)."""
 

@@ -80,6 +80,7 @@ def test_sync_runner_is_the_async_runner_without_await():
         .replace("await rt.clock.sleep(", "rt.clock.sleep_sync(")
         .replace("await coalesce.follow_async(", "coalesce.follow_sync(")
         .replace("hedge.async_sender(", "hedge.sync_sender(")
+        .replace("await rt.pace.reserve(", "rt.pace.reserve_sync(")
         .replace("await ", "")
     )
     assert rewritten == inspect.getsource(_call.run_sync)

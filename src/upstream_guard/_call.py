@@ -333,7 +333,7 @@ class Exchange(GuardedCall):
             guard._subscribers.publish(self)  # noqa: SLF001
 
 
-def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
+def run_sync(  # noqa: C901, PLR0912, PLR0915 - one call's steps read best in one place
     guard: Guard, rt: UpstreamRuntime, adapter: SyncAdapter, request: Any, sender: Any
 ) -> Any:
     """Run one guarded call for a sync client: the response, or the client's error."""
@@ -354,6 +354,8 @@ def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
         step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
+                if step.reserve_within_s is not None:
+                    step = x.reserved(*rt.pace.reserve_sync(step.reserve_within_s))
                 rt.clock.sleep_sync(step.seconds)
                 step = x.after_wait()
                 continue
@@ -388,7 +390,7 @@ def run_sync(  # noqa: C901, PLR0912 - one call's steps read best in one place
         x.finish()
 
 
-async def run_async(  # noqa: C901, PLR0912 - one call's steps read best in one place
+async def run_async(  # noqa: C901, PLR0912, PLR0915 - one call's steps read best in one place
     guard: Guard, rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any, sender: Any
 ) -> Any:
     """Run one guarded call for an async client: the response, or the client's error."""
@@ -409,6 +411,8 @@ async def run_async(  # noqa: C901, PLR0912 - one call's steps read best in one 
         step: Attempt | Wait | None = x.begin()
         while step is not None:
             if isinstance(step, Wait):
+                if step.reserve_within_s is not None:
+                    step = x.reserved(*await rt.pace.reserve(step.reserve_within_s))
                 await rt.clock.sleep(step.seconds)
                 step = x.after_wait()
                 continue

@@ -307,7 +307,7 @@ function upstreamRow(name) {
   const row = el("tr", {"data-upstream": name},
     el("td", {}, el("code", {}, name)), td("state"), td("failures", "num"),
     td("consecutive_failures", "num"), td("retry_after", "num"), td("cooldown", "num"),
-    td("p50", "num"), td("p99", "num"), td("recent"));
+    td("pace", "num"), td("p50", "num"), td("p99", "num"), td("recent"));
   rows.append(row);
   return row;
 }
@@ -405,6 +405,10 @@ function render(data) {
     setField(row, "consecutive_failures", String(u.consecutive_failures));
     setField(row, "retry_after", seconds(u.retry_after_s));
     setField(row, "cooldown", seconds(u.cooldown_s));
+    const pace = u.pace || {rate_per_s: null, source: "none"};
+    setField(row, "pace", pace.rate_per_s === null ? "\u2013"
+      : pace.rate_per_s.toFixed(2) + "/s " + pace.source
+        + (pace.shared === "local_share" ? " (local share)" : ""));
     setField(row, "p50", millis(u.latency_ms.p50));
     setField(row, "p99", millis(u.latency_ms.p99));
     if (u.timeline) drawTimeline(timelineSection(name, u.timeline.series), u.timeline);
@@ -461,7 +465,8 @@ _BODY = """
   <thead><tr>
     <th>upstream</th><th>breaker</th><th class="num">failures</th>
     <th class="num">consecutive</th><th class="num">retry after</th>
-    <th class="num">cooldown</th><th class="num">p50</th><th class="num">p99</th>
+    <th class="num">cooldown</th><th class="num">pace</th>
+    <th class="num">p50</th><th class="num">p99</th>
     <th>recent calls (oldest \u2192 newest)</th>
   </tr></thead>
   <tbody></tbody>

@@ -40,6 +40,8 @@ class CallEvent:
     """The call shared another caller's upstream call instead of making its own."""
     hedged: bool = False
     """An extra attempt ran in parallel with a slow one."""
+    pace_wait_s: float = 0.0
+    """Time the call waited for its slot of the upstream's pace."""
 
     @classmethod
     def of(cls, record: CallRecord) -> CallEvent:
@@ -57,6 +59,7 @@ class CallEvent:
             retries=sum(1 for r in record.retries or () if r.retried),
             coalesced=record.coalesced,
             hedged=record.hedges > 0,
+            pace_wait_s=record.pace_wait_s,
         )
 
 

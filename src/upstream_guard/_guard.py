@@ -53,16 +53,6 @@ class Guard:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         # host -> (runtime for any port, {port: runtime})
         self._hosts: dict[str, tuple[UpstreamRuntime | None, dict[int, UpstreamRuntime]]] = {}
-        self.shared: SharedState | None = None
-        if self.settings.redis_url:
-            from ._redis import SharedState  # noqa: PLC0415 - redis is optional
-
-            self.shared = SharedState(
-                self,
-                self.settings.redis_url,
-                prefix=self.settings.redis_prefix,
-                interval_s=self.settings.redis_sync_interval_s,
-            )
         telemetry.register(self)
         for name, upstream in self.settings.upstreams.items():
             if not upstream.enabled:
@@ -79,6 +69,16 @@ class Guard:
                     else:
                         ports[port] = rt
                     self._hosts[form] = (any_port, ports)
+        self.shared: SharedState | None = None
+        if self.settings.redis_url:
+            from ._redis import SharedState  # noqa: PLC0415 - redis is optional
+
+            self.shared = SharedState(
+                self,
+                self.settings.redis_url,
+                prefix=self.settings.redis_prefix,
+                interval_s=self.settings.redis_sync_interval_s,
+            )
 
     def _route(self, url: Any) -> UpstreamRuntime | None:
         """The upstream a call to ``url`` is guarded as; None passes it straight through.
@@ -218,6 +218,7 @@ class Guard:
                     (b.last_failure for b in rt.breakers.values() if b.last_failure), None
                 ),
                 "breakers": {key: b.state for key, b in rt.breakers.items()},
+                "pace": rt.pace.view(),
             }
         states = {u["state"] for u in upstreams.values()}
         status = "ok"
@@ -228,6 +229,7 @@ class Guard:
             HALF_OPEN in states
             or any(u["cooldown_s"] > 0 for u in upstreams.values())
             or shared == "degraded"
+            or any(u["pace"]["shared"] == "local_share" for u in upstreams.values())
         ):
             status = "degraded"
         return {"status": status, "shared_state": shared, "upstreams": upstreams}

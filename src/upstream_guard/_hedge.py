@@ -31,13 +31,14 @@ if TYPE_CHECKING:
     from ._pipeline import UpstreamRuntime
 
 
-def pace_is_short(rt: UpstreamRuntime) -> bool:  # noqa: ARG001 - the hook's signature
+def pace_is_short(rt: UpstreamRuntime) -> bool:
     """Whether the upstream's pace leaves no room for an extra call.
 
-    The hook for pacing (``UpstreamSettings.pace``, built separately): until it lands no
-    pace is kept, so none is short. Pacing answers here from its own state.
+    Any pace in force (configured, or learned from 429s) counts as short: the upstream has
+    said, or was told, how many calls it takes, and a hedge would spend a slot that first
+    attempts are waiting for (and, shared through Redis, a round trip to take it).
     """
-    return False
+    return rt.pace.active
 
 
 def may_hedge(x: Exchange) -> bool:

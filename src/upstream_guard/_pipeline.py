@@ -31,6 +31,7 @@ from ._errors import (
     RetriesExhaustedError,
     UpstreamUnavailable,
 )
+from ._pace import Pace
 from ._retry import RetryBudget, decide_retry
 from ._settings import UpstreamSettings
 
@@ -45,9 +46,14 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Sleep before going on."""
+    """Sleep before going on.
+
+    With ``reserve_within_s`` the call first takes its slot from the shared pace (one Redis
+    round trip) and hands the answer to ``GuardedCall.reserved``, whose wait replaces this.
+    """
 
     seconds: float
+    reserve_within_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,8 @@ class CallRecord:
     status: int | None = None
     retries: list[RetryEvent] | None = None
     duration_s: float = 0.0
+    pace_wait_s: float = 0.0
+    """Time the call waited for its slot of the upstream's pace."""
     span: Any = None
     """The call's telemetry (``_telemetry.CallSpan``) when an OpenTelemetry SDK is installed."""
     coalesced: bool = False
@@ -133,6 +141,7 @@ class UpstreamRuntime:
         """Jitter for backoffs (the guard's: tests seed it)."""
         self.matcher = TemplateMatcher(settings.templates)
         self.cooldown = CooldownGate()
+        self.pace = Pace(name, settings.pace, clock)
         self.budget = RetryBudget(
             settings.retry.budget_ratio, settings.retry.budget_min_per_s, clock.monotonic()
         )
@@ -227,6 +236,18 @@ HEALTHY = {status: AttemptResult(status=status) for status in range(100, 400)}
 _SUCCESS = Outcome.SUCCESS
 
 
+def _paced(rt: UpstreamRuntime, wait: float) -> RateLimitedError:
+    rate, source = rt.pace.rate(rt.clock.monotonic())
+    pace = "" if rate is None else f" at {rate:.2f} calls/s ({source})"
+    return RateLimitedError(
+        f"{rt.name} is paced{pace}; the next slot is {wait:.2f}s away, more than this call "
+        "may wait (pace.max_wait_s and its deadline)",
+        upstream=rt.name,
+        reason="paced",
+        retry_after_s=wait,
+    )
+
+
 def _cooling(rt: UpstreamRuntime, left: float) -> RateLimitedError:
     return RateLimitedError(
         f"{rt.name} is cooling down after a 429 for {left:.1f}s more",
@@ -253,6 +274,8 @@ class GuardedCall(CallRecord):
     """The breaker permit of the attempt in flight, if one is."""
     _placed = False
     """Whether the call holds a bulkhead place."""
+    _slotted = False
+    """Whether the call has had its turn at the pace (a slot, or none was needed)."""
     _retryable = True
     _previous_reason = ""
     _last: AttemptResult | None = None
@@ -260,10 +283,14 @@ class GuardedCall(CallRecord):
 
     # -- the steps ---------------------------------------------------------------------------
 
-    def begin(self) -> Attempt | Wait:
-        """The first step: wait out a short 429 cooldown, then take a place and admit."""
+    def begin(self, now: float | None = None) -> Attempt | Wait:  # noqa: C901, PLR0912 - in order
+        """The first step: wait out a short 429 cooldown and the pace, take a place, admit.
+
+        ``now``: the time, when it is no longer the call's start (after a wait).
+        """
         rt = self.rt
-        now = self.started
+        if now is None:
+            now = self.started
         if rt.cooldown.until > now:
             if self.breaker.current == ISOLATED:  # isolation first: it outlasts any cooldown
                 raise self._refusal()
@@ -273,6 +300,11 @@ class GuardedCall(CallRecord):
                 if left > rt.settings.retry.max_retry_after_s or now + left >= self.deadline:
                     raise self._refused(_cooling(rt, left))
                 return Wait(left)
+        pace = rt.pace
+        if pace.active:
+            wait = self._pace(now)
+            if wait is not None:
+                return wait
         if now >= self.deadline:  # the inbound request's time is spent: not worth a call
             message = f"{rt.name} {self.method} {self.endpoint}: the request's deadline has passed"
             raise self._refused(RetriesExhaustedError(message, upstream=rt.name, reason="deadline"))
@@ -286,6 +318,9 @@ class GuardedCall(CallRecord):
         permit = self.breaker.admit(now)
         if permit is None:
             raise self._refusal()  # which records the breaker's state
+        if now >= pace.next_mark:  # the meter of attempts sent (inline: every call)
+            pace.mark(now)
+        pace.sent += 1
         if permit.probe:  # closed, the record's default, otherwise
             self.breaker_state = HALF_OPEN
         self.permit = permit
@@ -322,8 +357,8 @@ class GuardedCall(CallRecord):
 
     def after_wait(self) -> Attempt | Wait | None:
         """After a wait: the cooldown's end lets the call in; a backoff's may be cut short."""
-        if not self.attempts:  # the cooldown waited for: go on from the start
-            return self.begin()
+        if not self.attempts:  # the cooldown or the pace waited for: go on from the start
+            return self.begin(self.rt.clock.monotonic())
         last = self._last
         assert last is not None  # noqa: S101 - a backoff follows a result
         left = self.rt.cooldown.remaining(self.rt.clock.monotonic())
@@ -348,7 +383,31 @@ class GuardedCall(CallRecord):
         else:
             self.outcome, self.reason = Outcome.CANCELLED, "cancelled"
 
+    def reserved(self, granted: bool, wait: float) -> Wait:
+        """The shared pace's answer: wait for the slot, or be refused (``paced``)."""
+        if not granted:
+            raise self._refused(_paced(self.rt, wait))
+        self.pace_wait_s = wait
+        return Wait(wait)
+
     # -- inside the steps ----------------------------------------------------------------------
+
+    def _pace(self, now: float) -> Wait | None:
+        """Take a slot: ``None`` to go now, a ``Wait`` for it, or refuse (``paced``)."""
+        pace = self.rt.pace
+        if self._slotted:
+            return None
+        self._slotted = True
+        limit = min(pace.max_wait_s, self.deadline - now)
+        if pace.shared is not None and pace.shared.ok:
+            return Wait(0.0, reserve_within_s=limit)  # the runner asks Redis
+        granted, wait = pace.take(now, limit)
+        if not granted:
+            raise self._refused(_paced(self.rt, wait))
+        if wait <= 0:
+            return None
+        self.pace_wait_s = wait
+        return Wait(wait)
 
     def _refused(self, error: UpstreamUnavailable) -> UpstreamUnavailable:
         """Record that the call was refused before reaching the upstream; return the error."""
@@ -365,6 +424,7 @@ class GuardedCall(CallRecord):
             raise self._refusal()
         self.permit = permit
         self.attempts += 1
+        self.rt.pace.sent += 1
         return Attempt(self.attempts, min(self.deadline - permit.started, self.rt.attempt_s))
 
     def _refusal(self) -> CircuitOpenError:
@@ -399,6 +459,7 @@ class GuardedCall(CallRecord):
             retry_after = parse_retry_after(result.retry_after, clock.wall())
             cool = retry_after if retry_after is not None else rt.settings.retry.throttle_cooldown_s
             rt.cooldown.throttle(clock.monotonic(), cool)
+            rt.pace.throttled(clock.monotonic(), record.started, cool)
         now = clock.monotonic()
         decision = decide_retry(
             settings=rt.settings.retry,

@@ -207,6 +207,26 @@ def connect(url: str, timeout_s: float) -> Any:
     )
 
 
+def connect_sync(url: str, timeout_s: float) -> Any:
+    """A blocking ``redis`` client for ``url``: a ``RedisCluster`` for a cluster URL.
+
+    For calls that take a pace slot from their own thread.
+    """
+    import redis  # noqa: PLC0415 - optional dependency, only with redis_url
+
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in CLUSTER_SCHEMES:
+        from redis.cluster import RedisCluster  # noqa: PLC0415
+
+        t = max(0.5, timeout_s)
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            socket_timeout=t,
+            socket_connect_timeout=t,
+        )
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
 def upstream_tag(prefix: str, name: str) -> str:
     """The hash tag that puts every key of one upstream in one slot: ``{PREFIX:NAME}``."""
     return f"{{{prefix}:{name}}}"
@@ -346,6 +366,10 @@ class SharedState:
         self.round_trips = 0
         """Syncs that reached Redis (one round trip; on a cluster, one call per upstream)."""
         self.failed_round_trips = 0
+        from ._pace import attach  # noqa: PLC0415 - the pace's own Redis code
+
+        self.pace = attach(guard, url, prefix, self._timeout_s)
+        """Slots of the fleet's pace, taken by calls (only while a pace is in force)."""
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -356,6 +380,7 @@ class SharedState:
         self._stop.clear()
         for rt in self._guard.upstreams.values():
             rt.cooldown.on_throttle = self.wake
+            rt.pace.on_learn = self.wake
         self._guard.state_hooks.append(self._on_state_change)
         self._thread = threading.Thread(target=self._run, name="upstream-guard-redis", daemon=True)
         self._thread.start()
@@ -371,6 +396,7 @@ class SharedState:
             self._guard.state_hooks.remove(self._on_state_change)
         for rt in self._guard.upstreams.values():
             rt.cooldown.on_throttle = None
+            rt.pace.on_learn = None
 
     def wake(self) -> None:
         """Sync now instead of at the next tick (a trip or a 429 is news for everyone)."""
@@ -393,6 +419,7 @@ class SharedState:
             client = connect(self._url, self._timeout_s)
             try:
                 await self.sync_once(client)
+                await self.sync_paces(client)
             finally:
                 await client.aclose()
 
@@ -415,6 +442,7 @@ class SharedState:
         try:
             while True:
                 await self.sync_once(client)
+                await self.sync_paces(client)
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -506,6 +534,38 @@ class SharedState:
             return [exc] * len(batches)
         await asyncio.gather(*(in_turn(indexes) for indexes in by_node.values()))
         return results
+
+    async def sync_paces(self, client: Any) -> None:
+        """The paces' round trip: learned rates and live workers (see ``_pace``)."""
+        from ._pace import sync_paces  # noqa: PLC0415 - the pace's own Redis code
+
+        ttl_ms = int(max(2.0, self._interval_s * 10) * 1000)
+        try:
+            await sync_paces(
+                self._guard,
+                client,
+                prefix=self._prefix,
+                worker=self._worker,
+                ttl_ms=ttl_ms,
+                cluster=self._cluster,
+            )
+        except Exception:  # noqa: BLE001 - Redis trouble: calls pace locally at their share
+            self.failed_round_trips += 1
+            self.pace.ok = False
+
+    def _adopt(self, result: list[Any], breakers: list[Breaker], upstreams: list[Any]) -> None:
+        values = [v.decode() if isinstance(v, bytes) else v for v in result]
+        i = 1
+        for breaker in breakers:
+            state, epoch, age_ms, granted = values[i : i + 4]
+            i += 4
+            breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
+        now = self._guard.clock.monotonic()
+        for rt in upstreams:
+            remaining_ms = int(values[i])
+            i += 1
+            if remaining_ms > 0:
+                rt.cooldown.adopt(now, remaining_ms / 1000)
 
 
 def _safe_url(url: str) -> str:

@@ -222,6 +222,40 @@ class HedgeSettings(_Group):
     max_extra: int = Field(1, ge=1, le=5, description="Hedges at most per attempt.")
 
 
+class PaceSettings(_Group):
+    """How fast calls may go: a ceiling the user knows, and a pace learned from 429s."""
+
+    _env_group: ClassVar[tuple[str, ...]] = ("pace",)
+
+    requests_per_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Ceiling on calls per second, fleet-wide (none: no ceiling).",
+    )
+    burst: float | None = Field(
+        None,
+        ge=1,
+        allow_inf_nan=False,
+        description="Calls let through at once above the pace (none: one second's).",
+    )
+    adaptive: bool = Field(
+        default=True, description="Learn a pace from 429s and raise it while none come."
+    )
+    max_wait_s: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Longest a call waits for its slot; past it, refused (`paced`).",
+    )
+    calm_s: float = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="A learned pace lapses after this long without a 429.",
+    )
+
+
 def _parse_host(entry: str) -> str:
     text = entry.strip().lower()
     if not text or "/" in text or "@" in text or " " in text:
@@ -273,6 +307,7 @@ class UpstreamSettings(_Group):
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
     coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
     hedge: HedgeSettings = Field(default_factory=HedgeSettings)
+    pace: PaceSettings = Field(default_factory=PaceSettings)
 
     @field_validator("hosts", mode="before")
     @classmethod

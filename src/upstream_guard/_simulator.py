@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +47,8 @@ class Fault:
     delay_s: float = 0.0
     failure_rate: float = 0.0
     message: str = "Error"
+    window_calls: int = 0
+    window_s: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
@@ -52,7 +56,8 @@ class Fault:
 
         Names (argument in brackets): ``healthy``, ``no_healthy_upstream``,
         ``json_5xx[:status]``, ``rate_limited[:retry_after]``, ``slow:seconds``, ``hang``,
-        ``flapping:rate``, ``status:code``. Raises ``ValueError`` naming them otherwise.
+        ``flapping:rate``, ``status:code``, ``rolling_window:calls/seconds``. Raises
+        ``ValueError`` naming them otherwise.
         """
         name, _, arg = spec.strip().partition(":")
         make = _PARSERS.get(name)
@@ -71,6 +76,7 @@ class Fault:
             "slow": f"{self.delay_s:g}",
             "flapping": f"{self.failure_rate:g}",
             "status": str(self.status),
+            "rolling_window": f"{self.window_calls}/{self.window_s:g}",
         }.get(self.kind, "")
         return f"{self.kind}:{arg}" if arg else self.kind
 
@@ -116,6 +122,19 @@ class Fault:
         return cls(kind="status", status=status, message=message)
 
     @classmethod
+    def rolling_window(cls, calls: int, window_s: float) -> Fault:
+        """A rate limit: ``calls`` answered per rolling ``window_s``, then 429s.
+
+        As Spotify's: the 429 carries a Retry-After in whole seconds (at least 1) until the
+        oldest counted call leaves the window; throttled calls are not counted.
+        """
+        if calls < 1 or window_s <= 0:
+            raise ValueError(
+                f"rolling_window needs calls >= 1 and window_s > 0, got {calls}, {window_s}"
+            )
+        return cls(kind="rolling_window", window_calls=calls, window_s=window_s)
+
+    @classmethod
     def flapping(cls, failure_rate: float) -> Fault:
         """Answer ``no healthy upstream`` to that fraction of requests, normally to the rest."""
         return cls(kind="flapping", status=503, failure_rate=failure_rate)
@@ -141,6 +160,13 @@ def _status(arg: str, low: int, high: int) -> int:
     return status
 
 
+def _window(arg: str) -> Fault:
+    calls, sep, seconds = arg.partition("/")
+    if not sep:
+        raise ValueError("give it as CALLS/SECONDS, e.g. 90/30")
+    return Fault.rolling_window(int(calls), float(seconds))
+
+
 _PARSERS: dict[str, Callable[[str], Fault]] = {
     "healthy": lambda _: Fault.healthy(),
     "no_healthy_upstream": lambda _: Fault.no_healthy_upstream(),
@@ -150,6 +176,7 @@ _PARSERS: dict[str, Callable[[str], Fault]] = {
     "hang": lambda _: Fault.hang(),
     "flapping": lambda a: Fault.flapping(_rate(a)),
     "status": lambda a: Fault.respond(_status(_required(a), 100, 599)),
+    "rolling_window": lambda a: _window(_required(a)),
 }
 FAULT_NAMES = tuple(_PARSERS)
 """The fault names ``Fault.parse`` (and ``upstream-guard simulate --fault``) knows."""
@@ -168,8 +195,18 @@ class SpotifySimulator:
     (``?prefix=/v1/tracks`` for one path prefix only), ``DELETE`` heals everything.
     """
 
-    def __init__(self, *, seed: int = 0, control_path: str | None = None) -> None:
-        """Start healthy; ``control_path`` (e.g. ``/_simulator``) enables fault switching."""
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        control_path: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Start healthy.
+
+        ``control_path`` (e.g. ``/_simulator``) enables fault switching; ``clock`` times
+        rolling windows (tests pass a fake one).
+        """
         self.control_path = None if control_path is None else control_path.rstrip("/")
         self._faults: dict[str, Fault] = {}
         self._scripts: dict[str, list[Fault]] = {}
@@ -180,6 +217,10 @@ class SpotifySimulator:
         self.requests: list[tuple[str, str]] = []
         self._base_urls: dict[str, str] = {}
         self._accounts = TokenEndpoint()
+        self._clock = clock
+        self._windows: dict[Fault, deque[float]] = {}
+        self.throttled = 0
+        """Requests a rolling window answered with 429."""
 
     @contextmanager
     def intercept(self) -> Iterator[Self]:
@@ -227,6 +268,8 @@ class SpotifySimulator:
             self.hits.clear()
             self.requests.clear()
             self._accounts.forget()
+            self._windows.clear()
+            self.throttled = 0
             released, self._release = self._release, threading.Event()
         released.set()
 
@@ -270,6 +313,8 @@ class SpotifySimulator:
         self.hits[path] += 1
         self.requests.append((scope["method"], path))
         fault = self._fault_for(path)
+        if fault.kind == "rolling_window":
+            fault = self._windowed(fault)
         status, headers, body = await self._answer(fault, scope, receive)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -346,6 +391,26 @@ class SpotifySimulator:
             )
             return status, _json_headers(), json.dumps(token).encode()
         return _status_for(scope), _json_headers(), json.dumps(body_for(scope)).encode()
+
+    def _windowed(self, fault: Fault) -> Fault:
+        """A rolling window's answer: healthy if the call fits (it is counted), else a 429."""
+        wait = self._window_wait(fault)
+        if wait is None:
+            return Fault()
+        return Fault.rate_limited(max(1, math.ceil(wait)))
+
+    def _window_wait(self, fault: Fault) -> float | None:
+        """Count a call in the fault's window; None if it fits, else the wait until one does."""
+        now = self._clock()
+        with self._lock:
+            log = self._windows.setdefault(fault, deque())
+            while log and log[0] <= now - fault.window_s:
+                log.popleft()
+            if len(log) < fault.window_calls:
+                log.append(now)
+                return None
+            self.throttled += 1
+            return log[0] + fault.window_s - now
 
 
 async def _read_body(receive: Receive) -> bytes:

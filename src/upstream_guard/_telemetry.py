@@ -196,6 +196,8 @@ class CallSpan:
         span.set_attribute("upstream_guard.breaker.state", record.breaker_state)
         span.set_attribute("upstream_guard.outcome", str(record.outcome))
         span.set_attribute("upstream_guard.attempts", record.attempts)
+        if record.pace_wait_s:
+            span.set_attribute("upstream_guard.pace_wait_s", record.pace_wait_s)
         if record.status is not None:
             span.set_attribute("http.response.status_code", record.status)
         if record.coalesced:
@@ -327,6 +329,24 @@ def _observe_cooldowns(options: CallbackOptions) -> Iterable[Observation]:  # no
     return _worst(longest)
 
 
+def _observe_paces(options: CallbackOptions) -> Iterable[Observation]:  # noqa: ARG001
+    # Several guards in one process: the lowest pace in force per upstream.
+    lowest: dict[str, float] = {}
+    for guard in list(_guards):
+        now = guard.clock.monotonic()
+        for rt in guard.upstreams.values():
+            rate, _ = rt.pace.rate(now)
+            if rate is not None:
+                lowest[rt.name] = min(lowest.get(rt.name, rate), rate)
+    return [Observation(rate, {"upstream_guard.upstream": name}) for name, rate in lowest.items()]
+
+
+_meter.create_observable_gauge(
+    "upstream_guard.pace",
+    callbacks=[_observe_paces],
+    unit="{call}/s",
+    description="The pace in force per upstream (calls per second, fleet-wide); absent: none.",
+)
 _meter.create_observable_gauge(
     "upstream_guard.breaker.state",
     callbacks=[_observe_states],

@@ -18,6 +18,7 @@ from upstream_guard import (
     Guard,
     GuardSettings,
     HedgeSettings,
+    PaceSettings,
     RateLimitedError,
     RetriesExhaustedError,
     UpstreamGuardMiddleware,
@@ -103,6 +104,10 @@ def settings() -> None:
         coalesce=CoalesceSettings(gets=True, token_requests=True, max_body_bytes=1 << 20),
         hedge=HedgeSettings(after_s=0.25, max_extra=1),
     )
+    pace = PaceSettings(requests_per_s=5.0, burst=2, adaptive=True, max_wait_s=0.5, calm_s=60)
+    UpstreamSettings(hosts=("api.spotify.com",), pace=pace)
+    event_wait: float = CallEvent("a", "/", "GET", "refused", "paced", None, 0, 0.0).pace_wait_s
+    assert event_wait == 0.0
 
 
 def simulator() -> None:
@@ -110,6 +115,9 @@ def simulator() -> None:
     sim = SpotifySimulator()
     sim.set_fault(Fault.no_healthy_upstream(), "/v1/tracks")
     sim.set_fault(Fault.rate_limited(30))
+    sim.set_fault(Fault.rolling_window(90, 30.0))
+    throttled: int = SpotifySimulator(clock=FakeClock().monotonic).throttled
+    assert throttled == 0
     sim.heal()
     with SpotifySimulator().intercept() as spotify:
         spotify.set_fault(Fault.no_healthy_upstream())

@@ -1,0 +1,421 @@
+"""The pace: how fast one upstream may be called, configured or learned from its 429s.
+
+A pace is a rate in calls per second for the whole fleet. Each call takes a slot from a GCRA
+(generic cell rate algorithm: one "theoretical arrival time" per upstream, ``burst`` calls
+let through at once) before it is sent: it goes now, waits for its slot within
+``pace.max_wait_s`` and its deadline, or is refused at once with reason ``paced``.
+
+Where the rate comes from: ``pace.requests_per_s`` (a ceiling the user knows), and with
+``pace.adaptive`` a rate learned from 429s by an AIMD controller; the lower of the two holds.
+
+The controller (AIMD: additive increase, multiplicative decrease), and why:
+
+- **Decrease** on a 429. The rate that drew it is *measured*, not guessed: the attempts the
+  upstream accepted (sent minus throttled) over the recent past (from the first second with
+  a call, at most ``HORIZON_S`` = 60 s back), divided by that time *plus the Retry-After*.
+  A rolling-window limiter (Spotify counts over 30 s) asks the caller to wait until its
+  oldest counted call leaves the window, so "accepted ÷ (time sent + time told to wait)" is
+  the window's allowance, whatever the window's length: the guard need not be told it. A
+  punitive Retry-After only makes the estimate lower, the safe side. The new pace is
+  ``BETA`` = 0.9 of that estimate (or of the pace in force, if lower): close enough to the
+  limit to keep goodput above 90%, far enough below it that the next 429 takes a while.
+  A 429 answering a call sent before the last decrease is old news and changes nothing;
+  nor does one when nothing got through lately (no rate to measure: the cooldown holds).
+- **Increase** while no 429 comes: linear, ``GROWTH_PER_S`` = 0.4% of the decreased pace per
+  second (+10% in 25 s), so the pace creeps back up to the limit over a few of Spotify's
+  30 s windows and finds more room if the limit was raised; the overshoot when it gets there
+  is small, and the 429 that marks it is one per cycle. A steeper (CUBIC-like) curve would
+  refill faster but overshoots a window limiter by more before it learns of it.
+- **Lapse**: after ``pace.calm_s`` without a 429 the learned pace is dropped (the demand
+  that drew it is gone, or the limit moved).
+- A Retry-After still starts the cooldown as before; the pace is what prevents the next one.
+
+With ``redis_url`` the slot is taken from a GCRA in Redis (``PACE_SCRIPT``: one round trip,
+the rate an argument; only while a pace is in force). The learned rate and the workers
+alive are shared by ``sync_paces`` in the background sync. Redis down: each process paces
+locally at its share (the pace ÷ the live workers it last saw), says so in health, and
+loses no call. Keys sit in one hash slot per upstream (``{prefix:NAME}``) for Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from ._clock import Clock
+from ._settings import PaceSettings
+
+if TYPE_CHECKING:
+    from ._guard import Guard
+
+log = logging.getLogger("upstream_guard")
+
+BETA = 0.9
+"""A 429 sets the pace to this share of the measured rate that drew it."""
+GROWTH_PER_S = 0.004
+"""While no 429 comes the learned pace rises by this share of its decreased value a second."""
+HORIZON_S = 60
+"""How far back accepted calls are counted to measure the rate that drew a 429."""
+MIN_RATE = 0.05
+"""The learned pace never falls below one call in 20 s."""
+_SLOTS = 64  # seconds the meter remembers (> HORIZON_S, a power of two)
+
+# GCRA. KEYS[1]: the upstream's theoretical arrival time (microseconds, Redis' clock).
+# ARGV: emission interval us (1/rate), burst (calls), longest wait us. Answers
+# {granted 0|1, wait us}: wait until the slot, or (refused) until the next one.
+PACE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - (burst - 1) * interval - now
+if wait < 0 then wait = 0 end
+if wait > limit then return {0, math.floor(wait)} end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
+  math.floor((tat - now) / 1000) + 1000)
+return {1, math.floor(wait)}
+"""
+
+# KEYS: learned (hash: rate, at = Redis ms of the decrease, hold ms), workers (zset: worker
+# -> ms). ARGV: worker, worker ttl ms, news (0|1), rate, age ms of the decrease, calm ms,
+# hold ms. Answers {workers alive, rate or '', age ms of its decrease, hold ms}.
+SYNC_PACE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl, calm = tonumber(ARGV[2]), tonumber(ARGV[6])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+local workers = redis.call('ZCARD', KEYS[2])
+local v = redis.call('HMGET', KEYS[1], 'rate', 'at', 'hold')
+local rate, at, hold = tonumber(v[1]), tonumber(v[2] or '0'), tonumber(v[3] or '0')
+if ARGV[3] == '1' then
+  local incoming, iat, ihold = tonumber(ARGV[4]), now - tonumber(ARGV[5]), tonumber(ARGV[7])
+  local changed = true
+  if rate == nil or iat > at + 1000 then
+    rate, at, hold = incoming, iat, ihold  -- a newer decrease wins
+  elseif iat >= at - 1000 then
+    -- Two workers measured one overload, each from its own share: their mean.
+    rate, at, hold = (rate + incoming) / 2, math.max(at, iat), math.max(hold, ihold)
+  else
+    changed = false  -- older than the one kept
+  end
+  if changed then
+    redis.call('HSET', KEYS[1], 'rate', string.format('%.6f', rate), 'at', at, 'hold', hold)
+    redis.call('PEXPIRE', KEYS[1], calm)
+  end
+end
+if rate == nil then return {workers, '', 0, 0} end
+return {workers, string.format('%.6f', rate), now - at, hold}
+"""
+
+
+class Pace:
+    """One upstream's pace: the configured ceiling, the learned rate, the local GCRA.
+
+    ``active`` is the only thing a call reads when no pace is in force.
+    """
+
+    def __init__(self, name: str, settings: PaceSettings, clock: Clock) -> None:
+        """Start with the configured ceiling (if any) and nothing learned."""
+        self.name = name
+        self.clock = clock
+        self.configured = settings.requests_per_s
+        self.adaptive = settings.adaptive
+        self.max_wait_s = settings.max_wait_s
+        self.calm_s = settings.calm_s
+        self._burst = settings.burst
+        self.active = self.configured is not None
+        """Whether a pace is in force (a call then takes a slot)."""
+        self.learned: float | None = None
+        """The rate the last decrease set (it has risen since: see ``learned_rate``)."""
+        self.learned_at = -math.inf
+        """When (monotonic) the last decrease was."""
+        self.news = False
+        """A decrease not yet published to the fleet."""
+        self._news_after = -math.inf
+        self.hold_s = 0.0
+        """How long after the last decrease a 429 is old news (published with it)."""
+        self.on_learn: Callable[[], None] | None = None
+        """Called after a decrease (shared state publishes it at once)."""
+        self._tat = 0.0
+        self._lock = threading.Lock()
+        # The meter: attempts sent minus those throttled (counted by every call, without a
+        # lock: a count lost to a thread race does not matter), and what it was at the first
+        # call of each of the last seconds (a ring).
+        self.sent = 0
+        self.next_mark = -math.inf
+        self._mark_sec = [-1] * _SLOTS
+        self._mark_sent = [0] * _SLOTS
+        self._mark_at = [0.0] * _SLOTS
+        # Shared pacing (set by ``SharedPace`` with redis_url).
+        self.shared: SharedPace | None = None
+        self.workers = 1
+        """Live workers this process last saw through Redis (itself included)."""
+        self.refused = 0
+        """Calls refused because their slot was too far off."""
+
+    # -- the rate ------------------------------------------------------------------------------
+
+    def learned_rate(self, now: float) -> float | None:
+        """The learned pace now (it rises with the calm since the decrease), or None."""
+        learned = self.learned
+        if learned is None:
+            return None
+        calm = now - self.learned_at
+        if calm >= self.calm_s:  # a long calm: the learned pace lapses
+            self.learned = None
+            self.active = self.configured is not None
+            return None
+        return learned * (1.0 + GROWTH_PER_S * max(0.0, calm))
+
+    def rate(self, now: float) -> tuple[float | None, str]:
+        """The fleet-wide pace in force and its source: ``none``, ``configured``, ``learned``."""
+        learned = self.learned_rate(now)
+        configured = self.configured
+        if learned is not None and (configured is None or learned < configured):
+            return learned, "learned"
+        if configured is not None:
+            return configured, "configured"
+        return None, "none"
+
+    def local_share(self) -> bool:
+        """Whether this process paces alone at its share (Redis configured but unreachable)."""
+        return self.shared is not None and not self.shared.ok
+
+    def burst(self, rate: float) -> float:
+        """Calls let through at once: the setting, or one second's worth (at least one)."""
+        return self._burst if self._burst is not None else max(1.0, rate)
+
+    # -- slots ---------------------------------------------------------------------------------
+
+    def take(self, now: float, limit_s: float) -> tuple[bool, float]:
+        """Take a slot from the local GCRA: (granted, wait); refused: (False, time to a slot).
+
+        Redis down, the fleet's pace is split: this process takes its share.
+        """
+        rate, _ = self.rate(now)
+        if rate is None:  # lapsed meanwhile
+            return True, 0.0
+        burst = self.burst(rate)
+        if self.local_share():
+            rate /= max(1, self.workers)
+            burst = max(1.0, burst / max(1, self.workers))
+        interval = 1.0 / rate
+        with self._lock:
+            tat = max(self._tat, now)
+            wait = max(0.0, tat - (burst - 1.0) * interval - now)
+            if wait > limit_s:
+                self.refused += 1
+                return False, wait
+            self._tat = tat + interval
+        return True, wait
+
+    def shared_args(self, now: float, limit_s: float) -> tuple[float, float, float] | None:
+        """The GCRA script's arguments (interval us, burst, limit us); None: no pace now."""
+        rate, _ = self.rate(now)
+        if rate is None:
+            return None
+        return 1e6 / rate, self.burst(rate), max(0.0, limit_s) * 1e6
+
+    def reserve_sync(self, limit_s: float) -> tuple[bool, float]:
+        """Take a slot, from Redis when shared (one round trip), else locally (a thread)."""
+        now = self.clock.monotonic()
+        shared = self.shared
+        if shared is not None and shared.ok:
+            taken = shared.take(self, now, limit_s)
+            if taken is not None:
+                if not taken[0]:
+                    self.refused += 1
+                return taken
+        return self.take(now, limit_s)
+
+    async def reserve(self, limit_s: float) -> tuple[bool, float]:
+        """``reserve_sync`` off the event loop (any anyio backend)."""
+        return await anyio.to_thread.run_sync(self.reserve_sync, limit_s)
+
+    # -- the meter and the controller ----------------------------------------------------------
+
+    def mark(self, now: float) -> None:
+        """The first call of a new second: note how many attempts were sent before it."""
+        sec = int(now)
+        slot = sec & (_SLOTS - 1)
+        self._mark_sec[slot] = sec
+        self._mark_at[slot] = now
+        self._mark_sent[slot] = self.sent
+        self.next_mark = sec + 1.0
+
+    def accepted(self, now: float) -> tuple[int, float]:
+        """Attempts accepted (sent, not throttled) over the recent past, and the time it covers.
+
+        The past starts at the first second with a call within ``HORIZON_S``: idle time
+        before it is not part of the rate.
+        """
+        sec = int(now)
+        for s in range(sec - HORIZON_S, sec + 1):
+            slot = s & (_SLOTS - 1)
+            if self._mark_sec[slot] == s:
+                seconds = now - self._mark_at[slot]
+                return max(0, self.sent - self._mark_sent[slot]), max(0.1, seconds)
+        return 0, 0.1
+
+    def throttled(self, now: float, call_started: float, retry_after_s: float) -> None:
+        """A 429 came for an attempt of a call started at ``call_started``: learn from it."""
+        self.sent -= 1  # sent, but not accepted
+        if not self.adaptive or call_started < self._news_after:
+            return  # not learning, or old news: that call was sent before the last decrease
+        accepted, seconds = self.accepted(now)
+        if accepted <= 0:
+            return  # nothing got through lately: no rate to measure; the cooldown holds them
+        workers = self.workers if self.shared is not None else 1
+        measured = accepted * workers / (seconds + max(0.0, retry_after_s))
+        current, _ = self.rate(now)
+        base = measured if current is None else min(measured, current)
+        self.learned = max(MIN_RATE, BETA * base)
+        self.learned_at = now
+        # The upstream still counts the calls measured until they leave its window: a 429
+        # for a call sent before then is their doing, not the new pace's.
+        self.hold_s = min(seconds + max(0.0, retry_after_s), HORIZON_S / 2)
+        self._news_after = now + self.hold_s
+        self.active = True
+        self.news = True
+        log.info(
+            "upstream_guard: %s answered 429; pacing at %.2f calls/s (measured %.2f)",
+            self.name,
+            self.learned,
+            measured,
+        )
+        if self.on_learn is not None:
+            self.on_learn()
+
+    def adopt(self, rate: float | None, age_s: float, hold_s: float, now: float) -> None:
+        """Take the fleet's learned pace (from Redis), unless a newer decrease is unsent.
+
+        Its hold too: a 429 here for a call sent before the fleet's decrease was drawn by
+        the old pace, as it would be after a decrease of this worker's own.
+        """
+        if self.news or rate is None:
+            return
+        at = min(now - age_s, now)
+        if self.learned is None or at > self.learned_at + 1e-3 or rate != self.learned:
+            self.learned, self.learned_at = rate, at
+            self.active = True
+        self._news_after = max(self._news_after, at + hold_s)
+
+    def view(self) -> dict[str, Any]:
+        """Health's ``pace``: rate and source, and how it is shared."""
+        rate, source = self.rate(self.clock.monotonic())
+        mode = "off" if self.shared is None else "redis" if self.shared.ok else "local_share"
+        view: dict[str, Any] = {
+            "rate_per_s": None if rate is None else round(rate, 3),
+            "source": source,
+            "shared": mode,
+            "refused": self.refused,
+        }
+        if mode != "off":
+            view["workers"] = self.workers
+        if mode == "local_share" and rate is not None:
+            view["local_rate_per_s"] = round(rate / max(1, self.workers), 3)
+        return view
+
+
+class SharedPace:
+    """Takes slots from the fleet's GCRA in Redis; says when to pace locally instead."""
+
+    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
+        """Prepare a client (connections are made on first use, in a pool)."""
+        from ._redis import connect_sync  # noqa: PLC0415 - optional dependency
+
+        self._client = connect_sync(url, timeout_s)
+        self._script = self._client.register_script(PACE_SCRIPT)
+        self._prefix = prefix
+        self.ok = True
+        """Redis answered last time (set again by the background sync when it comes back)."""
+
+    def key(self, name: str) -> str:
+        """The upstream's GCRA key; ``{prefix:NAME}`` keeps its keys in one cluster slot."""
+        return f"{{{self._prefix}:{name}}}:pace"
+
+    def take(self, pace: Pace, now: float, limit_s: float) -> tuple[bool, float] | None:
+        """One round trip; None if Redis failed (then pace locally until it is back)."""
+        args = pace.shared_args(now, limit_s)
+        if args is None:
+            return True, 0.0
+        try:
+            granted, wait_us = self._script(keys=[self.key(pace.name)], args=list(args))
+        except Exception as exc:  # noqa: BLE001 - any Redis trouble: pace locally, lose nothing
+            if self.ok:
+                log.warning(
+                    "upstream_guard: Redis unreachable for %s's pace (%s); pacing locally at "
+                    "1/%d of it",
+                    pace.name,
+                    type(exc).__name__,
+                    pace.workers,
+                )
+            self.ok = False
+            return None
+        return bool(int(granted)), int(wait_us) / 1e6
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+
+def attach(guard: Guard, url: str, prefix: str, timeout_s: float) -> SharedPace:
+    """Share every upstream's pace through Redis at ``url``."""
+    shared = SharedPace(url, prefix, timeout_s)
+    for rt in guard.upstreams.values():
+        rt.pace.shared = shared
+    return shared
+
+
+async def sync_paces(
+    guard: Guard, client: Any, *, prefix: str, worker: str, ttl_ms: int, cluster: bool = False
+) -> None:
+    """One background round trip (a pipeline): publish decreases, adopt the fleet's pace.
+
+    On Redis Cluster, one script call per upstream instead (redis-py refuses scripts in a
+    cluster pipeline; each upstream's keys are in its own slot). Raises what Redis raises;
+    the caller counts the failure.
+    """
+    script = client.register_script(SYNC_PACE_SCRIPT)
+    paces = [rt.pace for rt in guard.upstreams.values()]
+    now = guard.clock.monotonic()
+    sent = []
+    pipe = None if cluster else client.pipeline(transaction=False)
+    answered: list[Any] = []
+    try:
+        for pace in paces:
+            news = pace.news
+            pace.news = False
+            sent.append(news)
+            key = f"{{{prefix}:{pace.name}}}"
+            age_ms = int(max(0.0, now - pace.learned_at) * 1000) if news else 0
+            calm_ms = int(pace.calm_s * 1000)
+            hold_ms = int(pace.hold_s * 1000)
+            args = [worker, ttl_ms, int(news), pace.learned or 0.0, age_ms, calm_ms, hold_ms]
+            keys = [f"{key}:learned", f"{key}:pace_workers"]
+            if pipe is None:  # a cluster: this upstream's slot, now
+                answered.append(await script(keys=keys, args=args))
+            else:  # queued: one round trip for all
+                await script(keys=keys, args=args, client=pipe)
+        results = answered if pipe is None else await pipe.execute()
+    except BaseException:
+        for pace, news in zip(paces, sent, strict=False):
+            pace.news = pace.news or news  # publish it next time
+        raise
+    now = guard.clock.monotonic()
+    for pace, (workers, rate, age_ms, hold_ms) in zip(paces, results, strict=True):
+        pace.workers = max(1, int(workers))
+        text = rate.decode() if isinstance(rate, bytes) else str(rate)
+        pace.adopt(float(text) if text else None, int(age_ms) / 1000, int(hold_ms) / 1000, now)
+        if pace.shared is not None:
+            pace.shared.ok = True

@@ -1,0 +1,238 @@
+"""One pace for the fleet through a real redis-server: slots, the learned rate, Redis killed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import make_settings
+from upstream_guard import Guard, GuardSettings, RateLimitedError
+from upstream_guard._pace import PACE_SCRIPT
+from upstream_guard.testing import FakeClock, Fault, RedisServer
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A clean database on the shared server."""
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+def shared(url: str, redis_url: str, **groups: Any) -> GuardSettings:
+    base = make_settings(url, **groups)
+    return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})
+
+
+def get(guard: Guard, url: str) -> httpx.Response:
+    with httpx.Client(transport=guard.sync_transport()) as client:
+        return client.get(url)
+
+
+def evalsha_calls(client: Any) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_slot_taken_by_one_guard_is_gone_for_another(sim, sim_url, redis_url):
+    """Two guards (two workers) draw from one GCRA: the second finds the slot taken."""
+    pace = {"requests_per_s": 0.5, "burst": 1, "max_wait_s": 0}
+    a = Guard(shared(sim_url, redis_url, pace=pace), clock=FakeClock())
+    b = Guard(shared(sim_url, redis_url, pace=pace), clock=FakeClock())
+    assert get(a, f"{sim_url}/v1/me").status_code == 200
+    with pytest.raises(RateLimitedError) as info:
+        get(b, f"{sim_url}/v1/me")
+    assert info.value.reason == "paced"
+    assert 1.0 < info.value.retry_after_s <= 2.0  # Redis' clock: the slot is 2 s after the first
+    assert sim.total_hits == 1
+
+
+def test_one_round_trip_per_paced_call_and_none_without_a_pace(sim, sim_url, redis_server):
+    """No pace in force: no Redis command at all; a paced call: exactly one EVALSHA."""
+    client = redis_server.client()
+    client.flushall()
+    plain = Guard(shared(sim_url, redis_server.url), clock=FakeClock())
+    paced = Guard(
+        shared(sim_url, redis_server.url, pace={"requests_per_s": 1000}), clock=FakeClock()
+    )
+    get(paced, f"{sim_url}/v1/me")  # loads the script once
+    client.config_resetstat()
+    before = int(client.info("stats")["total_commands_processed"])
+    for _ in range(5):
+        get(plain, f"{sim_url}/v1/me")
+    # Only this client's own INFO reached the server.
+    assert int(client.info("stats")["total_commands_processed"]) - before == 1
+    for _ in range(7):
+        get(paced, f"{sim_url}/v1/me")
+    assert evalsha_calls(client) == 7
+    client.close()
+
+
+def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
+    """A pace learned from a 429 in one worker holds in another after a sync."""
+    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    clock_a, clock_b = FakeClock(start=5000.0), FakeClock(start=9000.0)
+    a, b = Guard(settings, clock=clock_a), Guard(settings, clock=clock_b)
+    assert a.shared is not None
+    assert b.shared is not None
+    b.shared.sync_now()
+    for i in range(30):
+        get(a, f"{sim_url}/v1/tracks/{i:022d}")
+        clock_a.advance(0.1)
+    sim.script([Fault.rate_limited(1)])
+    assert get(a, f"{sim_url}/v1/me").status_code == 429
+    learned = a.snapshot()["upstreams"]["spotify_api"]["pace"]
+    assert learned["source"] == "learned"
+    a.shared.sync_now()
+    b.shared.sync_now()
+    seen = b.snapshot()["upstreams"]["spotify_api"]["pace"]
+    assert seen["source"] == "learned"
+    assert seen["rate_per_s"] == pytest.approx(learned["rate_per_s"], rel=0.02)
+    assert seen["workers"] == 2
+    assert seen["shared"] == "redis"
+
+
+def test_redis_killed_mid_run_loses_no_call_and_paces_at_the_share(sim, sim_url):
+    """Redis killed: every call still goes, paced locally at rate / workers seen; then back."""
+    server = RedisServer()
+    server.start()
+    try:
+        pace = {"requests_per_s": 40, "max_wait_s": 1}
+        clock = FakeClock()
+        a = Guard(shared(sim_url, server.url, pace=pace), clock=clock)
+        b = Guard(shared(sim_url, server.url, pace=pace), clock=FakeClock())
+        assert a.shared is not None
+        assert b.shared is not None
+        b.shared.sync_now()
+        a.shared.sync_now()
+        statuses = [get(a, f"{sim_url}/v1/me").status_code for _ in range(10)]
+        assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
+        server.kill()
+        statuses += [get(a, f"{sim_url}/v1/me").status_code for _ in range(50)]
+        assert statuses == [200] * 60
+        assert sim.total_hits == 60
+        snapshot = a.snapshot()
+        view = snapshot["upstreams"]["spotify_api"]["pace"]
+        assert view["shared"] == "local_share"
+        assert view["workers"] == 2
+        assert view["local_rate_per_s"] == 20.0
+        assert snapshot["status"] == "degraded"
+        # Locally at 20 calls/s with a burst of 20: 50 calls take about 1.5 s of the fake clock.
+        assert sum(clock.slept) == pytest.approx(30 / 20, rel=0.1)
+        server.start()
+        a.shared.sync_now()
+        assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
+        assert get(a, f"{sim_url}/v1/me").status_code == 200
+    finally:
+        server.kill()
+
+
+def test_the_gcra_script_takes_the_rate_as_an_argument(redis_server):
+    """The script alone: a burst goes at once, then one slot per interval, refusals untouched."""
+    client = redis_server.client()
+    client.flushall()
+    script = client.register_script(PACE_SCRIPT)
+    key = "{upstream_guard:test}:pace"
+    interval_us, burst, limit_us = 100_000, 3, 150_000
+    answers = [script(keys=[key], args=[interval_us, burst, limit_us]) for _ in range(6)]
+    granted = [int(g) for g, _ in answers]
+    waits = [int(w) for _, w in answers]
+    assert granted == [1, 1, 1, 1, 0, 0]  # a burst of 3, one within 150 ms, then refused
+    assert waits[:3] == [0, 0, 0]
+    assert 50_000 < waits[3] <= 100_000
+    assert 150_000 < waits[4] <= 200_000  # a refusal reserves nothing: the same slot again
+    assert abs(waits[5] - waits[4]) < 50_000
+    client.close()
+
+
+def _pacing_worker(redis_url: str, kind: str, calls: int, out: Any, start: Any) -> None:
+    import anyio
+
+    sent: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(time.time())
+        return httpx.Response(200, json={"ok": True})
+
+    settings = GuardSettings(
+        redis_url=redis_url,
+        upstreams={
+            "spotify_api": {
+                "hosts": ["api.test"],
+                "pace": {"requests_per_s": 20, "burst": 1, "max_wait_s": 5},
+            }
+        },
+    )
+    guard = Guard(settings)
+    guard.start()
+    mock = httpx.MockTransport(handler)
+    start.wait(timeout=60)
+    if kind == "async":
+
+        async def main() -> None:
+            async with httpx.AsyncClient(transport=guard.async_transport(mock)) as client:
+                async with anyio.create_task_group() as tg:
+                    for i in range(calls):  # distinct URLs: identical GETs would coalesce
+                        tg.start_soon(client.get, f"http://api.test/v1/tracks/{i}")
+
+        anyio.run(main, backend="trio")
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with (
+            httpx.Client(transport=guard.sync_transport(mock)) as client,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            list(pool.map(lambda i: client.get(f"http://api.test/v1/tracks/{i}"), range(calls)))
+    guard.close()
+    out.put(sent)
+
+
+def test_two_processes_share_one_pace(redis_url):
+    """Two processes (trio async and sync threads) at 20 calls/s each would take 0.5 s: shared, 1 s."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start = ctx.Barrier(2)
+    workers = [
+        ctx.Process(target=_pacing_worker, args=(redis_url, kind, 10, out, start))
+        for kind in ("async", "sync")
+    ]
+    for w in workers:
+        w.start()
+    sent = sorted(t for _ in workers for t in out.get(timeout=60))
+    for w in workers:
+        w.join(timeout=30)
+        assert w.exitcode == 0
+    assert len(sent) == 20  # no call refused
+    assert sent[-1] - sent[0] >= 0.85  # 20 calls at 20/s for the pair: about 0.95 s
+    # No half second holds more than its share of the pace (10, and the burst of 1).
+    assert max(sum(1 for t in sent if s <= t < s + 0.5) for s in sent) <= 11
+
+
+def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, redis_url):
+    """Two workers each measure one overload from their share: the fleet takes their mean."""
+    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    rates = []
+    guards = []
+    for calls in (30, 10):
+        clock = FakeClock(start=5000.0)
+        guard = Guard(settings, clock=clock)
+        for i in range(calls):
+            get(guard, f"{sim_url}/v1/tracks/{i:022d}")
+            clock.advance(3 / calls)
+        sim.script([Fault.rate_limited(1)])
+        assert get(guard, f"{sim_url}/v1/me").status_code == 429
+        rates.append(guard.snapshot()["upstreams"]["spotify_api"]["pace"]["rate_per_s"])
+        guards.append(guard)
+    assert rates[0] > 2 * rates[1]  # each saw its own share of the load
+    for guard in (*guards, *guards):
+        assert guard.shared is not None
+        guard.shared.sync_now()
+    for guard in guards:
+        view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
+        assert view["rate_per_s"] == pytest.approx(sum(rates) / 2, rel=0.02)
