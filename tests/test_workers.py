@@ -179,7 +179,11 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             time.sleep(1.0)  # sleep-ok: the one second workers have to agree
             hits = sim.total_hits
             answers = workers.answers_from_all(8 * n, until=time.monotonic() + 10)
-            assert all(refused(a, "cooldown") for a in answers)
+            assert all(refused(a, "cooldown") for a in answers), [
+                (a.status_code, a.headers.get("x-pid"), a.text[:200])
+                for a in answers
+                if not refused(a, "cooldown")
+            ]
             assert len({a.headers["x-pid"] for a in answers}) >= 2
             assert sim.total_hits == hits
         finally:
