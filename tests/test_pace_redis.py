@@ -282,3 +282,26 @@ def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, red
     for guard in guards:
         view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
         assert view["rate_per_s"] == pytest.approx(sum(rates) / 2, rel=0.02)
+
+
+def test_workers_with_an_uneven_split_measure_the_fleets_rate(sim, sim_url, redis_url):
+    """80 and 20 calls in 3 s, then 429 with Retry-After 7: both learn 0.9 x 100 / 10 s."""
+    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    clocks = [FakeClock(start=5000.0), FakeClock(start=5000.0)]
+    a, b = (Guard(settings, clock=clock) for clock in clocks)
+    for guard, clock, calls in ((a, clocks[0], 80), (b, clocks[1], 20)):
+        for i in range(calls):
+            assert get(guard, f"{sim_url}/v1/tracks/{i:022d}").status_code == 200
+            clock.advance(3 / calls)
+    for guard in (a, b, a):  # each has published its accepted calls and seen the other's
+        assert guard.shared is not None
+        guard.shared.sync_now()
+    learned = []
+    for guard in (a, b):
+        sim.script([Fault.rate_limited(7)])
+        assert get(guard, f"{sim_url}/v1/me").status_code == 429
+        view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
+        assert view["source"] == "learned"
+        learned.append(view["rate_per_s"])
+    # The even-split guess would have given 0.9 x 160 / 10 = 14.4 and 0.9 x 40 / 10 = 3.6.
+    assert learned == [pytest.approx(9.0, rel=0.03)] * 2
