@@ -12,7 +12,8 @@ The controller (AIMD: additive increase, multiplicative decrease), and why:
 
 - **Decrease** on a 429. The rate that drew it is *measured*, not guessed: the attempts the
   upstream accepted (sent minus throttled) over the recent past (from the first second with
-  a call, at most ``HORIZON_S`` = 60 s back), divided by that time *plus the Retry-After*.
+  a call, at most ``HORIZON_S`` = 60 s back; the whole fleet's, see below), divided by that
+  time *plus the Retry-After*.
   A rolling-window limiter (Spotify counts over 30 s) asks the caller to wait until its
   oldest counted call leaves the window, so "accepted ÷ (time sent + time told to wait)" is
   the window's allowance, whatever the window's length: the guard need not be told it. A
@@ -31,8 +32,13 @@ The controller (AIMD: additive increase, multiplicative decrease), and why:
 - A Retry-After still starts the cooldown as before; the pace is what prevents the next one.
 
 With ``redis_url`` the slot is taken from a GCRA in Redis (``PACE_SCRIPT``: one round trip,
-the rate an argument; only while a pace is in force). The learned rate and the workers
-alive are shared by ``sync_paces`` in the background sync. Redis down: each process paces
+the rate an argument; only while a pace is in force). The learned rate, the workers alive
+and each worker's accepted calls/s are shared by ``sync_paces`` in the background sync
+(``SYNC_PACE_SCRIPT``), so a decrease measures the fleet's accepted calls: this worker's
+count plus the other workers' accepted rate (as the last sync found it) over the same time.
+Workers need not split the calls evenly (uvicorn's keep their connections). With no sync
+in the last ``FLEET_FRESH_S``, or Redis down, the guess is this worker's count times the
+live workers it last saw. No call waits on any of this. Redis down: each process paces
 locally at its share (the pace ÷ the live workers it last saw), says so in health, and
 loses no call. Keys sit in one hash slot per upstream (``{prefix:NAME}``) for Redis Cluster.
 """
