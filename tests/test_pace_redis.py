@@ -285,11 +285,11 @@ def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, red
 
 
 def test_workers_with_an_uneven_split_measure_the_fleets_rate(sim, sim_url, redis_url):
-    """80 and 20 calls in 3 s, then 429 with Retry-After 7: both learn 0.9 x 100 / 10 s."""
+    """40 and 10 calls in 3 s, then 429 with Retry-After 7: both learn 0.9 x 50 / 10 s."""
     settings = shared(sim_url, redis_url, retry={"attempts": 1})
     clocks = [FakeClock(start=5000.0), FakeClock(start=5000.0)]
     a, b = (Guard(settings, clock=clock) for clock in clocks)
-    for guard, clock, calls in ((a, clocks[0], 80), (b, clocks[1], 20)):
+    for guard, clock, calls in ((a, clocks[0], 40), (b, clocks[1], 10)):
         for i in range(calls):
             assert get(guard, f"{sim_url}/v1/tracks/{i:022d}").status_code == 200
             clock.advance(3 / calls)
@@ -303,5 +303,5 @@ def test_workers_with_an_uneven_split_measure_the_fleets_rate(sim, sim_url, redi
         view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
         assert view["source"] == "learned"
         learned.append(view["rate_per_s"])
-    # The even-split guess would have given 0.9 x 160 / 10 = 14.4 and 0.9 x 40 / 10 = 3.6.
-    assert learned == [pytest.approx(9.0, rel=0.03)] * 2
+    # The even-split guess would have given 0.9 x 80 / 10 = 7.2 and 0.9 x 20 / 10 = 1.8.
+    assert learned == [pytest.approx(4.5, rel=0.03)] * 2
