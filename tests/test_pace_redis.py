@@ -1,9 +1,13 @@
-"""One pace for the fleet through a real redis-server: slots, the learned rate, Redis killed."""
+"""One pace for the fleet through real Redis: slots, the learned rate, Redis killed.
+
+Each test runs against a single redis-server and against a 3-node Redis Cluster.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -12,16 +16,53 @@ import pytest
 from conftest import make_settings
 from upstream_guard import Guard, GuardSettings, RateLimitedError
 from upstream_guard._pace import PACE_SCRIPT
-from upstream_guard.testing import FakeClock, Fault, RedisServer
+from upstream_guard.testing import FakeClock, Fault, RedisClusterServer, RedisServer
+
+Redis = RedisServer | RedisClusterServer
+
+
+@pytest.fixture(params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> Redis:
+    """The shared single server or the shared cluster, emptied (the cluster starts on demand)."""
+    server: Redis = request.getfixturevalue(
+        "redis_server" if request.param == "single" else "redis_cluster"
+    )
+    client = server.client()
+    client.flushall()
+    client.close()
+    return server
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """A clean database on the shared server."""
-    client = redis_server.client()
+def redis_url(shared_redis: Redis) -> str:
+    """The guard's redis_url for that Redis: redis:// or redis+cluster://."""
+    return shared_redis.url
+
+
+@pytest.fixture(params=["single", "cluster"])
+def killable(request: pytest.FixtureRequest) -> Iterator[Redis]:
+    """A Redis the test may kill: its own server, or the shared cluster (restarted after)."""
+    if request.param == "single":
+        server = RedisServer()
+        server.start()
+        yield server
+        server.kill()
+        return
+    cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+    client = cluster.client()
     client.flushall()
     client.close()
-    return redis_server.url
+    yield cluster
+    cluster.start()  # back up for the tests after this one, whatever happened here
+
+
+def node_clients(server: Redis) -> list[Any]:
+    """A plain client per node (one for a single server): commands are counted per node."""
+    import redis
+
+    if isinstance(server, RedisServer):
+        return [server.client()]
+    return [redis.Redis(port=node.port, decode_responses=True) for node in server.nodes]
 
 
 def shared(url: str, redis_url: str, **groups: Any) -> GuardSettings:
@@ -34,9 +75,18 @@ def get(guard: Guard, url: str) -> httpx.Response:
         return client.get(url)
 
 
-def evalsha_calls(client: Any) -> int:
-    stats = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+def evalsha_calls(clients: list[Any]) -> int:
+    """EVALSHA commands the server (every node of a cluster) has run since its stats reset."""
+    total = 0
+    for client in clients:
+        stats = client.info("commandstats")
+        total += int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return total
+
+
+def commands(clients: list[Any]) -> list[int]:
+    """Commands each node has processed."""
+    return [int(client.info("stats")["total_commands_processed"]) for client in clients]
 
 
 def test_a_slot_taken_by_one_guard_is_gone_for_another(sim, sim_url, redis_url):
@@ -52,25 +102,26 @@ def test_a_slot_taken_by_one_guard_is_gone_for_another(sim, sim_url, redis_url):
     assert sim.total_hits == 1
 
 
-def test_one_round_trip_per_paced_call_and_none_without_a_pace(sim, sim_url, redis_server):
+def test_one_round_trip_per_paced_call_and_none_without_a_pace(sim, sim_url, shared_redis):
     """No pace in force: no Redis command at all; a paced call: exactly one EVALSHA."""
-    client = redis_server.client()
-    client.flushall()
-    plain = Guard(shared(sim_url, redis_server.url), clock=FakeClock())
+    clients = node_clients(shared_redis)
+    plain = Guard(shared(sim_url, shared_redis.url), clock=FakeClock())
     paced = Guard(
-        shared(sim_url, redis_server.url, pace={"requests_per_s": 1000}), clock=FakeClock()
+        shared(sim_url, shared_redis.url, pace={"requests_per_s": 1000}), clock=FakeClock()
     )
     get(paced, f"{sim_url}/v1/me")  # loads the script once
-    client.config_resetstat()
-    before = int(client.info("stats")["total_commands_processed"])
+    for client in clients:
+        client.config_resetstat()
+    before = commands(clients)
     for _ in range(5):
         get(plain, f"{sim_url}/v1/me")
-    # Only this client's own INFO reached the server.
-    assert int(client.info("stats")["total_commands_processed"]) - before == 1
+    # Only this test's own INFO reached each node.
+    assert [n - b for n, b in zip(commands(clients), before, strict=True)] == [1] * len(clients)
     for _ in range(7):
         get(paced, f"{sim_url}/v1/me")
-    assert evalsha_calls(client) == 7
-    client.close()
+    assert evalsha_calls(clients) == 7
+    for client in clients:
+        client.close()
 
 
 def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
@@ -97,45 +148,40 @@ def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
     assert seen["shared"] == "redis"
 
 
-def test_redis_killed_mid_run_loses_no_call_and_paces_at_the_share(sim, sim_url):
+def test_redis_killed_mid_run_loses_no_call_and_paces_at_the_share(sim, sim_url, killable):
     """Redis killed: every call still goes, paced locally at rate / workers seen; then back."""
-    server = RedisServer()
+    server = killable
+    pace = {"requests_per_s": 40, "max_wait_s": 1}
+    clock = FakeClock()
+    a = Guard(shared(sim_url, server.url, pace=pace), clock=clock)
+    b = Guard(shared(sim_url, server.url, pace=pace), clock=FakeClock())
+    assert a.shared is not None
+    assert b.shared is not None
+    b.shared.sync_now()
+    a.shared.sync_now()
+    statuses = [get(a, f"{sim_url}/v1/me").status_code for _ in range(10)]
+    assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
+    server.kill()
+    statuses += [get(a, f"{sim_url}/v1/me").status_code for _ in range(50)]
+    assert statuses == [200] * 60
+    assert sim.total_hits == 60
+    snapshot = a.snapshot()
+    view = snapshot["upstreams"]["spotify_api"]["pace"]
+    assert view["shared"] == "local_share"
+    assert view["workers"] == 2
+    assert view["local_rate_per_s"] == 20.0
+    assert snapshot["status"] == "degraded"
+    # Locally at 20 calls/s with a burst of 20: 50 calls take about 1.5 s of the fake clock.
+    assert sum(clock.slept) == pytest.approx(30 / 20, rel=0.1)
     server.start()
-    try:
-        pace = {"requests_per_s": 40, "max_wait_s": 1}
-        clock = FakeClock()
-        a = Guard(shared(sim_url, server.url, pace=pace), clock=clock)
-        b = Guard(shared(sim_url, server.url, pace=pace), clock=FakeClock())
-        assert a.shared is not None
-        assert b.shared is not None
-        b.shared.sync_now()
-        a.shared.sync_now()
-        statuses = [get(a, f"{sim_url}/v1/me").status_code for _ in range(10)]
-        assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
-        server.kill()
-        statuses += [get(a, f"{sim_url}/v1/me").status_code for _ in range(50)]
-        assert statuses == [200] * 60
-        assert sim.total_hits == 60
-        snapshot = a.snapshot()
-        view = snapshot["upstreams"]["spotify_api"]["pace"]
-        assert view["shared"] == "local_share"
-        assert view["workers"] == 2
-        assert view["local_rate_per_s"] == 20.0
-        assert snapshot["status"] == "degraded"
-        # Locally at 20 calls/s with a burst of 20: 50 calls take about 1.5 s of the fake clock.
-        assert sum(clock.slept) == pytest.approx(30 / 20, rel=0.1)
-        server.start()
-        a.shared.sync_now()
-        assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
-        assert get(a, f"{sim_url}/v1/me").status_code == 200
-    finally:
-        server.kill()
+    a.shared.sync_now()
+    assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
+    assert get(a, f"{sim_url}/v1/me").status_code == 200
 
 
-def test_the_gcra_script_takes_the_rate_as_an_argument(redis_server):
+def test_the_gcra_script_takes_the_rate_as_an_argument(shared_redis):
     """The script alone: a burst goes at once, then one slot per interval, refusals untouched."""
-    client = redis_server.client()
-    client.flushall()
+    client = shared_redis.client()
     script = client.register_script(PACE_SCRIPT)
     key = "{upstream_guard:test}:pace"
     interval_us, burst, limit_us = 100_000, 3, 150_000
@@ -236,3 +282,26 @@ def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, red
     for guard in guards:
         view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
         assert view["rate_per_s"] == pytest.approx(sum(rates) / 2, rel=0.02)
+
+
+def test_workers_with_an_uneven_split_measure_the_fleets_rate(sim, sim_url, redis_url):
+    """40 and 10 calls in 3 s, then 429 with Retry-After 7: both learn 0.9 x 50 / 10 s."""
+    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    clocks = [FakeClock(start=5000.0), FakeClock(start=5000.0)]
+    a, b = (Guard(settings, clock=clock) for clock in clocks)
+    for guard, clock, calls in ((a, clocks[0], 40), (b, clocks[1], 10)):
+        for i in range(calls):
+            assert get(guard, f"{sim_url}/v1/tracks/{i:022d}").status_code == 200
+            clock.advance(3 / calls)
+    for guard in (a, b, a):  # each has published its accepted calls and seen the other's
+        assert guard.shared is not None
+        guard.shared.sync_now()
+    learned = []
+    for guard in (a, b):
+        sim.script([Fault.rate_limited(7)])
+        assert get(guard, f"{sim_url}/v1/me").status_code == 429
+        view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
+        assert view["source"] == "learned"
+        learned.append(view["rate_per_s"])
+    # The even-split guess would have given 0.9 x 80 / 10 = 7.2 and 0.9 x 20 / 10 = 1.8.
+    assert learned == [pytest.approx(4.5, rel=0.03)] * 2

@@ -12,7 +12,8 @@ The controller (AIMD: additive increase, multiplicative decrease), and why:
 
 - **Decrease** on a 429. The rate that drew it is *measured*, not guessed: the attempts the
   upstream accepted (sent minus throttled) over the recent past (from the first second with
-  a call, at most ``HORIZON_S`` = 60 s back), divided by that time *plus the Retry-After*.
+  a call, at most ``HORIZON_S`` = 60 s back; the whole fleet's, see below), divided by that
+  time *plus the Retry-After*.
   A rolling-window limiter (Spotify counts over 30 s) asks the caller to wait until its
   oldest counted call leaves the window, so "accepted ÷ (time sent + time told to wait)" is
   the window's allowance, whatever the window's length: the guard need not be told it. A
@@ -31,8 +32,13 @@ The controller (AIMD: additive increase, multiplicative decrease), and why:
 - A Retry-After still starts the cooldown as before; the pace is what prevents the next one.
 
 With ``redis_url`` the slot is taken from a GCRA in Redis (``PACE_SCRIPT``: one round trip,
-the rate an argument; only while a pace is in force). The learned rate and the workers
-alive are shared by ``sync_paces`` in the background sync. Redis down: each process paces
+the rate an argument; only while a pace is in force). The learned rate, the workers alive
+and each worker's accepted calls/s are shared by ``sync_paces`` in the background sync
+(``SYNC_PACE_SCRIPT``), so a decrease measures the fleet's accepted calls: this worker's
+count plus the other workers' accepted rate (as the last sync found it) over the same time.
+Workers need not split the calls evenly (uvicorn's keep their connections). With no sync
+in the last ``FLEET_FRESH_S``, or Redis down, the guess is this worker's count times the
+live workers it last saw. No call waits on any of this. Redis down: each process paces
 locally at its share (the pace ÷ the live workers it last saw), says so in health, and
 loses no call. Keys sit in one hash slot per upstream (``{prefix:NAME}``) for Redis Cluster.
 """
@@ -63,6 +69,8 @@ HORIZON_S = 60
 """How far back accepted calls are counted to measure the rate that drew a 429."""
 MIN_RATE = 0.05
 """The learned pace never falls below one call in 20 s."""
+FLEET_FRESH_S = 5.0
+"""The other workers' accepted rate from a sync is used for this long; then the split guess."""
 _SLOTS = 64  # seconds the meter remembers (> HORIZON_S, a power of two)
 
 # GCRA. KEYS[1]: the upstream's theoretical arrival time (microseconds, Redis' clock).
@@ -85,16 +93,28 @@ return {1, math.floor(wait)}
 """
 
 # KEYS: learned (hash: rate, at = Redis ms of the decrease, hold ms), workers (zset: worker
-# -> ms). ARGV: worker, worker ttl ms, news (0|1), rate, age ms of the decrease, calm ms,
-# hold ms. Answers {workers alive, rate or '', age ms of its decrease, hold ms}.
+# -> ms), meter (hash: worker -> its accepted calls/s lately). ARGV: worker, worker ttl ms,
+# news (0|1), rate, age ms of the decrease, calm ms, hold ms, this worker's accepted calls/s.
+# Answers {workers alive, rate or '', age ms of its decrease, hold ms, the other live
+# workers' accepted calls/s summed}.
 SYNC_PACE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, calm = tonumber(ARGV[2]), tonumber(ARGV[6])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+  redis.call('HDEL', KEYS[3], unpack(gone))
+end
 redis.call('PEXPIRE', KEYS[2], ttl)
 local workers = redis.call('ZCARD', KEYS[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[8])
+redis.call('PEXPIRE', KEYS[3], ttl)
+local others = 0
+for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if w ~= ARGV[1] then others = others + tonumber(redis.call('HGET', KEYS[3], w) or '0') end
+end
 local v = redis.call('HMGET', KEYS[1], 'rate', 'at', 'hold')
 local rate, at, hold = tonumber(v[1]), tonumber(v[2] or '0'), tonumber(v[3] or '0')
 if ARGV[3] == '1' then
@@ -103,7 +123,7 @@ if ARGV[3] == '1' then
   if rate == nil or iat > at + 1000 then
     rate, at, hold = incoming, iat, ihold  -- a newer decrease wins
   elseif iat >= at - 1000 then
-    -- Two workers measured one overload, each from its own share: their mean.
+    -- Two workers measured one overload at about the same time: their mean.
     rate, at, hold = (rate + incoming) / 2, math.max(at, iat), math.max(hold, ihold)
   else
     changed = false  -- older than the one kept
@@ -113,8 +133,9 @@ if ARGV[3] == '1' then
     redis.call('PEXPIRE', KEYS[1], calm)
   end
 end
-if rate == nil then return {workers, '', 0, 0} end
-return {workers, string.format('%.6f', rate), now - at, hold}
+others = string.format('%.6f', others)
+if rate == nil then return {workers, '', 0, 0, others} end
+return {workers, string.format('%.6f', rate), now - at, hold, others}
 """
 
 
@@ -160,6 +181,10 @@ class Pace:
         self.shared: SharedPace | None = None
         self.workers = 1
         """Live workers this process last saw through Redis (itself included)."""
+        self.others_rate: float | None = None
+        """The other live workers' accepted calls/s, as the last sync found them."""
+        self.others_at = -math.inf
+        """When (monotonic) that sync was."""
         self.refused = 0
         """Calls refused because their slot was too far off."""
 
@@ -267,6 +292,26 @@ class Pace:
                 return max(0, self.sent - self._mark_sent[slot]), max(0.1, seconds)
         return 0, 0.1
 
+    def own_rate(self, now: float) -> float:
+        """Accepted calls per second of this worker over the recent past (a sync publishes it)."""
+        accepted, seconds = self.accepted(now)
+        return accepted / seconds if accepted > 0 else 0.0
+
+    def fleet_accepted(self, accepted: int, seconds: float, now: float) -> float:
+        """The fleet's accepted calls over the last ``seconds``, given this worker's.
+
+        Shared through Redis: this worker's count plus the other workers' accepted rate (as
+        the last sync found it) over the same time. Without a recent sync, the split guess:
+        this worker's count times the live workers it last saw (even split assumed).
+        """
+        shared = self.shared
+        if shared is None:
+            return float(accepted)
+        others = self.others_rate
+        if shared.ok and others is not None and now - self.others_at <= FLEET_FRESH_S:
+            return accepted + others * seconds
+        return float(accepted * max(1, self.workers))
+
     def throttled(self, now: float, call_started: float, retry_after_s: float) -> None:
         """A 429 came for an attempt of a call started at ``call_started``: learn from it."""
         self.sent -= 1  # sent, but not accepted
@@ -275,8 +320,7 @@ class Pace:
         accepted, seconds = self.accepted(now)
         if accepted <= 0:
             return  # nothing got through lately: no rate to measure; the cooldown holds them
-        workers = self.workers if self.shared is not None else 1
-        measured = accepted * workers / (seconds + max(0.0, retry_after_s))
+        measured = self.fleet_accepted(accepted, seconds, now) / (seconds + max(0.0, retry_after_s))
         current, _ = self.rate(now)
         base = measured if current is None else min(measured, current)
         self.learned = max(MIN_RATE, BETA * base)
@@ -401,8 +445,9 @@ async def sync_paces(
             age_ms = int(max(0.0, now - pace.learned_at) * 1000) if news else 0
             calm_ms = int(pace.calm_s * 1000)
             hold_ms = int(pace.hold_s * 1000)
-            args = [worker, ttl_ms, int(news), pace.learned or 0.0, age_ms, calm_ms, hold_ms]
-            keys = [f"{key}:learned", f"{key}:pace_workers"]
+            own = f"{pace.own_rate(now):.6f}"
+            args = [worker, ttl_ms, int(news), pace.learned or 0.0, age_ms, calm_ms, hold_ms, own]
+            keys = [f"{key}:learned", f"{key}:pace_workers", f"{key}:pace_meter"]
             if pipe is None:  # a cluster: this upstream's slot, now
                 answered.append(await script(keys=keys, args=args))
             else:  # queued: one round trip for all
@@ -413,8 +458,9 @@ async def sync_paces(
             pace.news = pace.news or news  # publish it next time
         raise
     now = guard.clock.monotonic()
-    for pace, (workers, rate, age_ms, hold_ms) in zip(paces, results, strict=True):
+    for pace, (workers, rate, age_ms, hold_ms, others) in zip(paces, results, strict=True):
         pace.workers = max(1, int(workers))
+        pace.others_rate, pace.others_at = float(others), now
         text = rate.decode() if isinstance(rate, bytes) else str(rate)
         pace.adopt(float(text) if text else None, int(age_ms) / 1000, int(hold_ms) / 1000, now)
         if pace.shared is not None:
