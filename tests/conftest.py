@@ -89,6 +89,44 @@ def make_settings(url: str, **groups: Any) -> GuardSettings:
     return GuardSettings(upstreams={"spotify_api": {"hosts": [hostport], **groups}})
 
 
+Redis = RedisServer | RedisClusterServer
+
+
+@pytest.fixture(params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> Redis:
+    """The shared single server or the shared cluster, emptied (the cluster starts on demand)."""
+    server: Redis = request.getfixturevalue(
+        "redis_server" if request.param == "single" else "redis_cluster"
+    )
+    client = server.client()
+    client.flushall()
+    client.close()
+    return server
+
+
+@pytest.fixture
+def redis_url(shared_redis: Redis) -> str:
+    """The guard's redis_url for that Redis: redis:// or redis+cluster://."""
+    return shared_redis.url
+
+
+@pytest.fixture(params=["single", "cluster"])
+def killable(request: pytest.FixtureRequest) -> Iterator[Redis]:
+    """A Redis the test may kill: its own server, or the shared cluster (restarted after)."""
+    if request.param == "single":
+        server = RedisServer()
+        server.start()
+        yield server
+        server.kill()
+        return
+    cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+    client = cluster.client()
+    client.flushall()
+    client.close()
+    yield cluster
+    cluster.start()  # back up for the tests after this one, whatever happened here
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterServer]:
     """A real 3-node Redis Cluster on loopback for the whole run (about 2 s to start)."""

@@ -21,24 +21,6 @@ pytestmark = pytest.mark.anyio
 HEALTH = "/_upstream_guard/health"
 
 
-@pytest.fixture(params=["single", "cluster"])
-def shared_redis(request: pytest.FixtureRequest) -> Any:
-    """One Redis server or a 3-node Redis Cluster, emptied."""
-    server = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster"
-    )
-    client = server.client()
-    client.flushall()
-    client.close()
-    return server
-
-
-@pytest.fixture
-def redis_url(shared_redis: Any) -> str:
-    """The guard's redis_url: redis:// or redis+cluster://."""
-    return str(shared_redis.url)
-
-
 def shared(url: str, redis_url: str, **groups: Any) -> GuardSettings:
     base = make_settings(url, **groups)
     return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})

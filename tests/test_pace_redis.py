@@ -7,53 +7,15 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import make_settings
+from conftest import Redis, make_settings
 from upstream_guard import Guard, GuardSettings, RateLimitedError
 from upstream_guard._pace import PACE_SCRIPT
-from upstream_guard.testing import FakeClock, Fault, RedisClusterServer, RedisServer
-
-Redis = RedisServer | RedisClusterServer
-
-
-@pytest.fixture(params=["single", "cluster"])
-def shared_redis(request: pytest.FixtureRequest) -> Redis:
-    """The shared single server or the shared cluster, emptied (the cluster starts on demand)."""
-    server: Redis = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster"
-    )
-    client = server.client()
-    client.flushall()
-    client.close()
-    return server
-
-
-@pytest.fixture
-def redis_url(shared_redis: Redis) -> str:
-    """The guard's redis_url for that Redis: redis:// or redis+cluster://."""
-    return shared_redis.url
-
-
-@pytest.fixture(params=["single", "cluster"])
-def killable(request: pytest.FixtureRequest) -> Iterator[Redis]:
-    """A Redis the test may kill: its own server, or the shared cluster (restarted after)."""
-    if request.param == "single":
-        server = RedisServer()
-        server.start()
-        yield server
-        server.kill()
-        return
-    cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
-    client = cluster.client()
-    client.flushall()
-    client.close()
-    yield cluster
-    cluster.start()  # back up for the tests after this one, whatever happened here
+from upstream_guard.testing import FakeClock, Fault, RedisServer
 
 
 def node_clients(server: Redis) -> list[Any]:

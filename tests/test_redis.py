@@ -11,37 +11,17 @@ import multiprocessing
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import make_settings
+from conftest import Redis, make_settings
 from upstream_guard import CircuitOpenError, Guard, GuardSettings, RateLimitedError
-from upstream_guard.testing import FakeClock, Fault, RedisClusterServer, RedisServer
+from upstream_guard.testing import FakeClock, Fault, RedisClusterServer
 
 KEY = "{upstream_guard:spotify_api}:breaker"
-
-Redis = RedisServer | RedisClusterServer
-
-
-@pytest.fixture(params=["single", "cluster"])
-def shared_redis(request: pytest.FixtureRequest) -> Redis:
-    """The shared single server or the shared cluster, emptied (the cluster starts on demand)."""
-    server: Redis = request.getfixturevalue(
-        "redis_server" if request.param == "single" else "redis_cluster"
-    )
-    client = server.client()
-    client.flushall()
-    client.close()
-    return server
-
-
-@pytest.fixture
-def redis_url(shared_redis: Redis) -> str:
-    """The guard's redis_url for that Redis: redis:// or redis+cluster://."""
-    return shared_redis.url
 
 
 def shared_settings(url: str, redis_url: str, **groups) -> GuardSettings:
@@ -159,23 +139,6 @@ def test_half_open_probes_are_bounded_across_guards(sim, sim_url, redis_url):
     for guard in guards:
         guard.shared.sync_now()  # type: ignore[union-attr]
     assert all(g.state("spotify_api") == "closed" for g in guards)
-
-
-@pytest.fixture(params=["single", "cluster"])
-def killable(request: pytest.FixtureRequest) -> Iterator[Redis]:
-    """A Redis the test may kill: its own server, or the shared cluster (restarted after)."""
-    if request.param == "single":
-        server = RedisServer()
-        server.start()
-        yield server
-        server.kill()
-        return
-    cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
-    client = cluster.client()
-    client.flushall()
-    client.close()
-    yield cluster
-    cluster.start()  # back up for the tests after this one, whatever happened here
 
 
 def test_redis_down_serves_locally_then_resumes(sim, sim_url, caplog, killable):
