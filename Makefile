@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,bench,demo,docs]'
 	touch $(STAMP)
 
+# Two processes (pytest-xdist), one test file each at a time: module and session fixtures
+# (servers, the docs build, the wheel) stay shared within a file. PYTEST_ARGS=-n0: one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples checks docs/hooks.py
