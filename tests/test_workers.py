@@ -38,6 +38,9 @@ class Workers:
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__BREAKER__HALF_OPEN_MAX_CALLS": "1",
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__ATTEMPTS": "1",
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__MAX_RETRY_AFTER_S": "0.5",
+            # A held probe waits for the test's release: no attempt timeout meanwhile.
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__TIMEOUT__ATTEMPT_S": "30",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__TIMEOUT__TOTAL_S": "30",
         }
         self.process = subprocess.Popen(
             [
@@ -149,33 +152,62 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             assert sim.total_hits == hits
             assert int(client.hget("{upstream_guard:spotify_api}:breaker", "trips")) == 1
 
-            # 2. After the reset timeout, all workers together send at most one probe.
+            # 2. After the reset timeout, all workers together send one probe. Only the worker
+            #    holding the lease may send it, so requests come in waves (one per worker)
+            #    until one reaches that worker; while the probe is held, every worker refuses.
             sim.heal()
             sim.set_fault(Fault.held())
             probe_from = tripped + 4.2
             time.sleep(max(0.0, probe_from - time.monotonic()))  # sleep-ok: real reset timeout
             with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-                first = [pool.submit(workers.get_safe) for _ in range(24)]
-                time.sleep(0.5)  # sleep-ok: give every worker a sync with the lease holder
-                second = [pool.submit(workers.get_safe) for _ in range(24)]
-                # Every request but the held probe answers (uvicorn --workers answers in ~50 ms
-                # here, so give them time).
-                held = wait_until_one_left(first + second, timeout=20)
-                assert sim.total_hits <= 1  # heal() zeroed the count; the probe is held
-                assert len(held) <= 1
+                sent = []
+                deadline = time.monotonic() + 10
+                while sim.total_hits == 0 and time.monotonic() < deadline:
+                    wave = [pool.submit(workers.get_safe) for _ in range(n)]
+                    sent += wave
+                    concurrent.futures.wait(wave, timeout=1)  # refused at once, or the probe
+                assert sim.total_hits == 1, "no worker sent the probe"
+                # Past the lease's 1 s, until every worker has refused: the prober keeps its
+                # lease while its probe is held, so no other worker may send a second one.
+                later = []
+                until = time.monotonic() + 1.5
+                while time.monotonic() < until or (
+                    len({r.headers["x-pid"] for r in later}) < n and time.monotonic() < deadline
+                ):
+                    wave = [pool.submit(workers.get_safe) for _ in range(n)]
+                    done, _ = concurrent.futures.wait(wave, timeout=5)
+                    later += [f.result() for f in done if f.result() is not None]
+                    sent += wave
+                assert all(refused(r, "circuit_open") for r in later), [
+                    (r.status_code, r.headers.get("x-pid"), r.text[:200])
+                    for r in later
+                    if not refused(r, "circuit_open")
+                ]
+                assert len({r.headers["x-pid"] for r in later}) == n
+                held = wait_until_one_left(sent, timeout=20)
+                assert sim.total_hits == 1  # heal() zeroed the count; the probe is held
+                assert len(held) == 1
                 sim.release()
-                batch = [f.result() for f in first + second]
+                batch = [f.result() for f in sent]
             assert sim.total_hits == 1
             assert [r.status_code for r in batch if r is not None].count(200) == 1
 
             # 3. A 429 with a long Retry-After seen by one worker pauses all of them.
+            #    First every worker has adopted the probe's close (else the 429 could meet a
+            #    worker still refusing, and never reach the upstream).
             sim.heal()
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and workers.get().status_code != 200:
                 time.sleep(0.1)  # sleep-ok: workers adopt the close at their next sync
+            time.sleep(0.3)  # sleep-ok: three sync intervals, for the others to adopt it too
+            answers = workers.answers_from_all(2 * n, until=time.monotonic() + 10)
+            assert [a.status_code for a in answers] == [200] * len(answers)
+            assert len({a.headers["x-pid"] for a in answers}) == n
             sim.set_fault(Fault.rate_limited(30))
+            hits = sim.total_hits
             first = workers.get()
             assert first.status_code == 503
+            assert sim.total_hits == hits + 1  # the 429 itself
             time.sleep(1.0)  # sleep-ok: the one second workers have to agree
             hits = sim.total_hits
             answers = workers.answers_from_all(8 * n, until=time.monotonic() + 10)
@@ -187,5 +219,6 @@ def test_workers_share_trips_cooldowns_and_probes(redis_server, n):
             assert len({a.headers["x-pid"] for a in answers}) >= 2
             assert sim.total_hits == hits
         finally:
+            sim.heal()  # a held call left by a failed check would hold up the shutdown
             workers.stop()
             client.close()

@@ -328,7 +328,9 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ) from None
     sim = SpotifySimulator(control_path=CONTROL_PATH)
     sim.set_fault(fault, args.prefix)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on each connection (see _loopback).
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))

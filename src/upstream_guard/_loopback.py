@@ -14,8 +14,13 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
     It listens before any server runs, so clients can connect at once (the kernel queues
     them) and nothing has to wait for the server to come up.
+
+    The protocol is named (``IPPROTO_TCP``), as asyncio sets ``TCP_NODELAY`` on accepted
+    connections only then: without it Nagle's algorithm holds a response's body until the
+    client acknowledges its head, and the client delays that acknowledgement, about 40 ms
+    added to every response on Linux.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(512)

@@ -18,7 +18,8 @@ guard = install(inner)
 
 @inner.get("/t")
 async def t() -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=5) as client:
+    # A long client timeout: the guard's own (from the env) decide, and a held call waits.
+    async with httpx.AsyncClient(timeout=30) as client:
         response = await client.get(f"{SIM_URL}/v1/me")
     response.raise_for_status()
     return {"pid": os.getpid()}
