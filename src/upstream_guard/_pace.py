@@ -39,7 +39,8 @@ The controller, and why:
   than ``2 * PLATEAU_S`` would see larger overshoots.
 - **No burst** while the learned pace holds (unless ``pace.burst`` is set): calls go one
   every ``1 / rate``. A second's worth at once, right after a cooldown, lands in a window
-  that has just refilled to its limit and draws a 429 again.
+  that has just refilled to its limit and draws a 429 again. For the same reason a call
+  held by a cooldown takes a new slot when it ends (``GuardedCall.begin``).
 - **Lapse**: after ``pace.calm_s`` without a 429 the learned pace is dropped (the demand
   that drew it is gone, or the limit moved).
 - A Retry-After still starts the cooldown as before; the pace is what prevents the next one.
