@@ -22,7 +22,8 @@ from upstream_guard import (
     SettingsError,
     install,
 )
-from upstream_guard._pace import BETA, GROWTH_PER_S
+from upstream_guard._pace import BETA, PLATEAU_S
+from upstream_guard._pipeline import Attempt, AttemptResult, GuardedCall, Wait
 from upstream_guard.testing import FakeClock, Fault, SpotifySimulator, serve
 
 TRACK = "3n3Ppam7vgaVa1iaRUc9Lp"
@@ -269,7 +270,7 @@ async def test_learned_pace_falls_after_a_429_recovers_and_lapses(kind, sim, sim
     learned = pace["rate_per_s"]
     clock.advance(50)
     risen = guard.snapshot()["upstreams"]["spotify_api"]["pace"]["rate_per_s"]
-    assert risen == pytest.approx(learned * (1 + GROWTH_PER_S * 50), rel=0.05)
+    assert risen == pytest.approx(learned / BETA * (1 + (1 - BETA) * (20 / 30) ** 3), rel=0.05)
     clock.advance(71)  # 121 s without a 429
     assert guard.snapshot()["upstreams"]["spotify_api"]["pace"] == {
         "rate_per_s": None,
@@ -294,13 +295,95 @@ async def test_learned_pace_then_spaces_calls(kind, sim, sim_url):
     n = 3 * round(first)
     for i in range(n):
         assert (await call("GET", track(sim_url, i))).status_code == 200
-    # A second's worth of calls goes at once (the burst), the rest one every 1/pace s.
-    assert sum(clock.slept) == pytest.approx((n - first) / first, rel=0.15)
+    # A learned pace lets no burst through: after the first, one call every 1/pace s.
+    assert sum(clock.slept) == pytest.approx((n - 1) / first, rel=0.15)
     sim.script([Fault.rate_limited(1)])
     await call("GET", track(sim_url, 98))
     second = guard.upstreams["spotify_api"].pace.rate(clock.monotonic())[0]
     assert second is not None
     assert second < first
+
+
+async def test_learned_pace_climbs_back_to_the_rate_that_drew_the_429_then_probes(sim, sim_url):
+    """Back under the 429's rate for PLATEAU_S, within 1.25% of it for a window, then beyond."""
+    clock = FakeClock(start=1000.0)
+    guard = Guard(make_settings(sim_url, retry={"attempts": 1}), clock=clock)
+    pace = guard.upstreams["spotify_api"].pace
+    await drive(caller("async", guard), sim_url, clock, 20, 0.1)
+    sim.script([Fault.rate_limited(1)])
+    await caller("async", guard)("GET", track(sim_url, 99))
+    decreased_at = clock.monotonic()
+    first = pace.rate(decreased_at)[0]
+    assert first is not None
+    plateau = first / BETA  # the measured rate that drew the 429
+    rates = []
+    for t in range(0, 3 * round(PLATEAU_S) + 1, 5):
+        rate = pace.rate(decreased_at + t)[0]
+        assert rate is not None
+        rates.append(rate)
+    assert rates == sorted(rates)  # it only rises while no 429 comes
+    within = [r for t, r in zip(range(0, 91, 5), rates, strict=False) if t <= PLATEAU_S]
+    assert max(within) == pytest.approx(plateau)  # never past the 429's rate before PLATEAU_S
+    for t in (PLATEAU_S / 2, PLATEAU_S * 3 / 2):  # the plateau: flat for half a 30 s window
+        assert pace.rate(decreased_at + t)[0] == pytest.approx(plateau, rel=0.0126)
+    assert pace.rate(decreased_at + 2 * PLATEAU_S)[0] == pytest.approx(plateau * 1.1)
+    assert pace.rate(decreased_at + 3 * PLATEAU_S)[0] == pytest.approx(plateau * 1.8)
+
+
+async def test_a_raised_limit_is_found_and_the_next_429_sets_a_higher_plateau(sim, sim_url):
+    """No 429 for a while: the pace probes past the old plateau; the next 429 learns more."""
+    clock = FakeClock(start=1000.0)
+    guard = Guard(make_settings(sim_url, retry={"attempts": 1}), clock=clock)
+    pace = guard.upstreams["spotify_api"].pace
+    call = caller("async", guard)
+    await drive(call, sim_url, clock, 20, 0.1)  # 10 calls/s accepted
+    sim.script([Fault.rate_limited(1)])
+    await call("GET", track(sim_url, 99))
+    old_plateau = pace.learned / BETA
+    clock.advance(3 * PLATEAU_S)  # the limit was raised: no 429 comes
+    probing = pace.rate(clock.monotonic())[0]
+    assert probing == pytest.approx(1.8 * old_plateau)
+    clock.slept.clear()
+    await drive(call, sim_url, clock, 50, 0.05)  # 20 calls/s offered, all accepted
+    assert sum(clock.slept) < 50 / probing  # they went at the higher pace (no burst)
+    sim.script([Fault.rate_limited(1)])
+    await call("GET", track(sim_url, 98))
+    assert pace.learned / BETA > 1.3 * old_plateau  # the new plateau: the rate that drew it
+
+
+def held_call(guard: Guard, clock: FakeClock) -> GuardedCall:
+    """A call's decisions alone (no I/O), started now, as ``Exchange`` sets them up."""
+    call = GuardedCall()
+    call.rt = rt = guard.upstreams["spotify_api"]
+    call.upstream, call.endpoint, call.method = rt.name, "/v1/me", "GET"
+    call.started = clock.monotonic()
+    call.deadline = call.started + 60
+    call.breaker = rt.breaker_for(call.endpoint)
+    return call
+
+
+def test_calls_held_by_a_cooldown_take_new_slots_after_it():
+    """Slots taken before a 429 are stale: held calls leave one per slot, not all at once."""
+    clock = FakeClock(start=1000.0)
+    pace = {"requests_per_s": 1, "burst": 1, "max_wait_s": 10}
+    retry = {"attempts": 1, "max_retry_after_s": 10}
+    guard = Guard(
+        GuardSettings(upstreams={"spotify_api": {"pace": pace, "retry": retry}}), clock=clock
+    )
+    first, second, third = (held_call(guard, clock) for _ in range(3))
+    assert isinstance(first.begin(), Attempt)
+    assert second.begin() == Wait(1.0)
+    assert third.begin() == Wait(2.0)
+    assert first.after(AttemptResult(status=429, retry_after="3")) is None  # cooldown to 1003
+    clock.advance(1)
+    assert second.after_wait() == Wait(2.0)  # held by the cooldown
+    clock.advance(1)
+    assert third.after_wait() == Wait(1.0)
+    clock.advance(1)  # the cooldown is over: one goes, the other takes the next slot
+    assert isinstance(second.after_wait(), Attempt)
+    assert third.after_wait() == Wait(1.0)
+    clock.advance(1)
+    assert isinstance(third.after_wait(), Attempt)
 
 
 async def test_a_429_for_a_call_sent_before_the_decrease_is_old_news(sim, sim_url):

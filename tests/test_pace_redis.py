@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Redis, make_settings
 from upstream_guard import Guard, GuardSettings, RateLimitedError
-from upstream_guard._pace import PACE_SCRIPT
+from upstream_guard._pace import BETA, PACE_SCRIPT, PLATEAU_S
 from upstream_guard.testing import FakeClock, Fault, RedisServer
 
 
@@ -88,15 +88,15 @@ def test_one_round_trip_per_paced_call_and_none_without_a_pace(sim, sim_url, sha
 
 def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
     """A pace learned from a 429 in one worker holds in another after a sync."""
-    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    settings = shared(sim_url, redis_url, retry={"attempts": 1}, pace={"max_wait_s": 10})
     clock_a, clock_b = FakeClock(start=5000.0), FakeClock(start=9000.0)
     a, b = Guard(settings, clock=clock_a), Guard(settings, clock=clock_b)
     assert a.shared is not None
     assert b.shared is not None
     b.shared.sync_now()
-    for i in range(30):
+    for i in range(10):  # a call every 3 s: slots far apart, even in Redis' real time
         get(a, f"{sim_url}/v1/tracks/{i:022d}")
-        clock_a.advance(0.1)
+        clock_a.advance(3.0)
     sim.script([Fault.rate_limited(1)])
     assert get(a, f"{sim_url}/v1/me").status_code == 429
     learned = a.snapshot()["upstreams"]["spotify_api"]["pace"]
@@ -108,6 +108,17 @@ def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
     assert seen["rate_per_s"] == pytest.approx(learned["rate_per_s"], rel=0.02)
     assert seen["workers"] == 2
     assert seen["shared"] == "redis"
+    # Both climb the one curve from the shared decrease: at 2 x PLATEAU_S, 10% past the plateau.
+    clock_a.advance(2 * PLATEAU_S)
+    clock_b.advance(2 * PLATEAU_S)
+    plateau = learned["rate_per_s"] / BETA
+    for guard in (a, b):
+        rate = guard.snapshot()["upstreams"]["spotify_api"]["pace"]["rate_per_s"]
+        assert rate == pytest.approx(1.1 * plateau, rel=0.02)
+    # A learned pace has no burst in the shared GCRA either: the second call waits its slot.
+    clock_b.slept.clear()
+    assert [get(b, f"{sim_url}/v1/me").status_code for _ in range(2)] == [200, 200]
+    assert max(clock_b.slept, default=0.0) > 0.5 / (1.1 * plateau)
 
 
 def test_redis_killed_mid_run_loses_no_call_and_paces_at_the_share(sim, sim_url, killable):

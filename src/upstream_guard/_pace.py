@@ -6,9 +6,10 @@ let through at once) before it is sent: it goes now, waits for its slot within
 ``pace.max_wait_s`` and its deadline, or is refused at once with reason ``paced``.
 
 Where the rate comes from: ``pace.requests_per_s`` (a ceiling the user knows), and with
-``pace.adaptive`` a rate learned from 429s by an AIMD controller; the lower of the two holds.
+``pace.adaptive`` a rate learned from 429s (a multiplicative decrease, a CUBIC-like increase);
+the lower of the two holds.
 
-The controller (AIMD: additive increase, multiplicative decrease), and why:
+The controller, and why:
 
 - **Decrease** on a 429. The rate that drew it is *measured*, not guessed: the attempts the
   upstream accepted (sent minus throttled) over the recent past (from the first second with
@@ -22,11 +23,24 @@ The controller (AIMD: additive increase, multiplicative decrease), and why:
   limit to keep goodput above 90%, far enough below it that the next 429 takes a while.
   A 429 answering a call sent before the last decrease is old news and changes nothing;
   nor does one when nothing got through lately (no rate to measure: the cooldown holds).
-- **Increase** while no 429 comes: linear, ``GROWTH_PER_S`` = 0.4% of the decreased pace per
-  second (+10% in 25 s), so the pace creeps back up to the limit over a few of Spotify's
-  30 s windows and finds more room if the limit was raised; the overshoot when it gets there
-  is small, and the 429 that marks it is one per cycle. A steeper (CUBIC-like) curve would
-  refill faster but overshoots a window limiter by more before it learns of it.
+- **Increase** while no 429 comes: CUBIC-like, back to a plateau at the rate that drew the
+  429 (``learned / BETA``), then beyond it:
+  ``plateau * (1 + (1 - BETA) * ((t - PLATEAU_S) / PLATEAU_S) ** 3)``, ``t`` the seconds
+  since the decrease. The pace regains most of the cut within ``PLATEAU_S`` / 2 (concave),
+  sits within 1.25% of the plateau from 15 s to 45 s after the decrease, and only then
+  probes for more room, faster and faster (convex: +10% at 60 s, +80% at 90 s), so a raised
+  limit is found within a minute or two. Why: a rolling window answers an overshoot late,
+  once the mean over the whole window has crossed the limit, i.e. half a window after the
+  pace did; a pace that is still climbing meanwhile fills the window above the limit (a
+  linear +0.4%/s climbed 5% past the limit before a 30 s window said so, and drew 1.8% to
+  3.6% 429s). Near the plateau the pace moves by at most 1.25% in 15 s, half of Spotify's
+  window, so the window answers before the overshoot is worth more than a 429. The plateau
+  is a measured rate, so the pace does not need to know the window; windows much longer
+  than ``2 * PLATEAU_S`` would see larger overshoots.
+- **No burst** while the learned pace holds (unless ``pace.burst`` is set): calls go one
+  every ``1 / rate``. A second's worth at once, right after a cooldown, lands in a window
+  that has just refilled to its limit and draws a 429 again. For the same reason a call
+  held by a cooldown takes a new slot when it ends (``GuardedCall.begin``).
 - **Lapse**: after ``pace.calm_s`` without a 429 the learned pace is dropped (the demand
   that drew it is gone, or the limit moved).
 - A Retry-After still starts the cooldown as before; the pace is what prevents the next one.
@@ -63,8 +77,8 @@ log = logging.getLogger("upstream_guard")
 
 BETA = 0.9
 """A 429 sets the pace to this share of the measured rate that drew it."""
-GROWTH_PER_S = 0.004
-"""While no 429 comes the learned pace rises by this share of its decreased value a second."""
+PLATEAU_S = 30.0
+"""Seconds after a decrease at which the learned pace is back at the rate that drew the 429."""
 HORIZON_S = 60
 """How far back accepted calls are counted to measure the rate that drew a 429."""
 MIN_RATE = 0.05
@@ -200,7 +214,8 @@ class Pace:
             self.learned = None
             self.active = self.configured is not None
             return None
-        return learned * (1.0 + GROWTH_PER_S * max(0.0, calm))
+        x = (max(0.0, calm) - PLATEAU_S) / PLATEAU_S
+        return learned / BETA * (1.0 + (1.0 - BETA) * x * x * x)
 
     def rate(self, now: float) -> tuple[float | None, str]:
         """The fleet-wide pace in force and its source: ``none``, ``configured``, ``learned``."""
@@ -216,9 +231,11 @@ class Pace:
         """Whether this process paces alone at its share (Redis configured but unreachable)."""
         return self.shared is not None and not self.shared.ok
 
-    def burst(self, rate: float) -> float:
-        """Calls let through at once: the setting, or one second's worth (at least one)."""
-        return self._burst if self._burst is not None else max(1.0, rate)
+    def burst(self, rate: float, source: str) -> float:
+        """Calls let through at once: the setting, else 1 (learned) or a second's worth."""
+        if self._burst is not None:
+            return self._burst
+        return 1.0 if source == "learned" else max(1.0, rate)
 
     # -- slots ---------------------------------------------------------------------------------
 
@@ -227,10 +244,10 @@ class Pace:
 
         Redis down, the fleet's pace is split: this process takes its share.
         """
-        rate, _ = self.rate(now)
+        rate, source = self.rate(now)
         if rate is None:  # lapsed meanwhile
             return True, 0.0
-        burst = self.burst(rate)
+        burst = self.burst(rate, source)
         if self.local_share():
             rate /= max(1, self.workers)
             burst = max(1.0, burst / max(1, self.workers))
@@ -246,10 +263,10 @@ class Pace:
 
     def shared_args(self, now: float, limit_s: float) -> tuple[float, float, float] | None:
         """The GCRA script's arguments (interval us, burst, limit us); None: no pace now."""
-        rate, _ = self.rate(now)
+        rate, source = self.rate(now)
         if rate is None:
             return None
-        return 1e6 / rate, self.burst(rate), max(0.0, limit_s) * 1e6
+        return 1e6 / rate, self.burst(rate, source), max(0.0, limit_s) * 1e6
 
     def reserve_sync(self, limit_s: float) -> tuple[bool, float]:
         """Take a slot, from Redis when shared (one round trip), else locally (a thread)."""

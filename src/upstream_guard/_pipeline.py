@@ -299,6 +299,9 @@ class GuardedCall(CallRecord):
             if left > 0:
                 if left > rt.settings.retry.max_retry_after_s or now + left >= self.deadline:
                     raise self._refused(_cooling(rt, left))
+                # A slot taken before the 429 is stale: take a new one after the cooldown,
+                # or every call held by it would go at once when it ends.
+                self._slotted = False
                 return Wait(left)
         pace = rt.pace
         if pace.active:

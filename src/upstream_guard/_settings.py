@@ -237,7 +237,7 @@ class PaceSettings(_Group):
         None,
         ge=1,
         allow_inf_nan=False,
-        description="Calls let through at once above the pace (none: one second's).",
+        description="Calls let through at once above the pace (none: a second's; 1 if learned).",
     )
     adaptive: bool = Field(
         default=True, description="Learn a pace from 429s and raise it while none come."
