@@ -157,15 +157,17 @@ def test_the_gcra_script_takes_the_rate_as_an_argument(shared_redis):
     client = shared_redis.client()
     script = client.register_script(PACE_SCRIPT)
     key = "{upstream_guard:test}:pace"
-    interval_us, burst, limit_us = 100_000, 3, 150_000
+    # Slots of 10 s: the six calls may take up to 5 s on a loaded machine without moving
+    # any answer across a boundary (the script reads Redis's own clock).
+    interval_us, burst, limit_us = 10_000_000, 3, 15_000_000
     answers = [script(keys=[key], args=[interval_us, burst, limit_us]) for _ in range(6)]
     granted = [int(g) for g, _ in answers]
     waits = [int(w) for _, w in answers]
-    assert granted == [1, 1, 1, 1, 0, 0]  # a burst of 3, one within 150 ms, then refused
+    assert granted == [1, 1, 1, 1, 0, 0]  # a burst of 3, one within 15 s, then refused
     assert waits[:3] == [0, 0, 0]
-    assert 50_000 < waits[3] <= 100_000
-    assert 150_000 < waits[4] <= 200_000  # a refusal reserves nothing: the same slot again
-    assert abs(waits[5] - waits[4]) < 50_000
+    assert 5_000_000 < waits[3] <= 10_000_000
+    assert 15_000_000 < waits[4] <= 20_000_000  # a refusal reserves nothing: the same slot again
+    assert abs(waits[5] - waits[4]) < 5_000_000
     client.close()
 
 
