@@ -12,6 +12,13 @@ error, as an error of their own; or, when the leader went away without an answer
 body is over ``coalesce.max_body_bytes``, they make their calls themselves (one of them
 leading the rest). A follower never counts in the breaker, the bulkhead or the budget.
 
+Cancellation: a follower that is cancelled stops waiting; the others wait on. A leader's
+caller that is cancelled cancels the call it runs (its attempt dies with its task) and the
+followers lead again, unless ``coalesce.detach_leaders`` is on: then async calls that may
+lead run in a task of their own (``run_detached``), and a cancelled caller leaves at once
+while the call goes on for its followers; with no followers it is cancelled and awaited,
+as it would be without the guard. See the section at the end for why it costs a task.
+
 The hot path: a call made while no other call to the upstream is in flight registers itself
 in ``Flights.calls`` (no key, no lock) and leaves when done. Keys are worked out only when a
 second call comes: for the newcomer and the calls in flight not keyed yet, which move to
@@ -25,6 +32,9 @@ of that loop: it would block the loop the leader needs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import hashlib
 import threading
 from typing import TYPE_CHECKING, Any
@@ -37,7 +47,10 @@ from ._cache import CachedResponse
 from ._errors import RetriesExhaustedError, UpstreamUnavailable
 
 if TYPE_CHECKING:
-    from ._call import Exchange
+    from collections.abc import Awaitable, Coroutine
+
+    from ._call import AsyncAdapter, Exchange
+    from ._pipeline import UpstreamRuntime
     from ._settings import CoalesceSettings
 
 TOKEN_PATH = "/api/token"  # noqa: S105 - a path, not a secret
@@ -123,8 +136,10 @@ class Flights:
     __slots__ = (
         "_lock",
         "calls",
+        "detach",
         "gets",
         "leaders",
+        "leads",
         "max_body",
         "max_in_flight",
         "token_requests",
@@ -140,6 +155,9 @@ class Flights:
         """Calls in flight not keyed yet, with their threads (the hot path adds here)."""
         self.leaders: dict[bytes, Exchange] = {}
         """Keyed calls in flight that identical calls may follow."""
+        self.detach = settings.detach_leaders
+        self.leads: dict[int, Lead] = {}
+        """Detached calls running, by ``id()`` of their request (``coalesce.detach_leaders``)."""
         self._lock = threading.Lock()
 
     def join(self, x: Exchange, *, sync: bool) -> Flight | None:
@@ -167,6 +185,9 @@ class Flights:
             flight = leader.flight
             if flight is None:
                 flight = leader.flight = Flight(leader.thread, leader.deadline)
+                lead = self.leads.get(id(leader.request))
+                if lead is not None:  # a detached leader: it outlives its caller from now on
+                    lead.flight = flight
             if not sync and thread == flight.thread and flight.event is None:
                 flight.event = anyio.Event()
             flight.waiters += 1
@@ -208,6 +229,20 @@ class Flights:
                 flight.closed = True
         if flight is not None and not flight.done.is_set():
             flight.publish(None, x, rejoin=True)
+
+    def may_lead(self, adapter: AsyncAdapter, request: Any) -> bool:
+        """Whether a call of ``request`` may lead identical calls (what ``coalesce_key`` keys)."""
+        method = adapter.method(request)
+        if method == "GET":
+            return self.gets
+        return self.token_requests and method == "POST" and adapter.path(request) == TOKEN_PATH
+
+    def followed(self, lead: Lead) -> bool:
+        """The caller of ``lead`` went away: whether followers still wait for its answer."""
+        with self._lock:
+            flight = lead.flight
+            lead.orphaned = True
+            return flight is not None and flight.waiters > 0 and not flight.done.is_set()
 
     def left(self, flight: Flight) -> None:
         """A follower is done waiting; the last one lets the answer go."""
@@ -337,3 +372,155 @@ async def _wait(x: Exchange, flight: Flight) -> bool:
         await event.wait()
         tg.cancel_scope.cancel()
     return flight.done.is_set()
+
+
+# -- a leader that outlives its caller (``coalesce.detach_leaders``) -----------------------------
+#
+# A call runs in its caller's task, so cancelling the caller cancels the attempt in flight:
+# httpcore, aiohttp and every other client close the connection of a request cancelled
+# half-way. To keep the attempt for the followers, it must already run in another task
+# when the cancellation comes; followers come at any time, so every call that may lead pays
+# for a task (two more turns of the event loop on asyncio). Hence a setting.
+#
+# The caller waits for the task. Cancelled, it looks at the call's flight: followers wait
+# for it, so the task goes on alone (its response, which no one will read, is closed; its
+# record is made once, by the call itself); or none do, so the task is cancelled and
+# awaited before the caller's own cancellation goes on, as if the call had run in the
+# caller's task. The task gets a copy of the caller's context (request context, tracing).
+
+_orphans: set[asyncio.Task[Any]] = set()
+"""Tasks whose callers went away, kept from the garbage collector until they end."""
+
+
+class Lead:
+    """A call running in a task of its own, and what its caller needs to know of it."""
+
+    __slots__ = ("adapter", "error", "finished", "flight", "orphaned", "result", "scope")
+
+    def __init__(self, adapter: AsyncAdapter) -> None:
+        """A call of a client of ``adapter``, not started."""
+        self.adapter = adapter
+        self.flight: Flight | None = None
+        """The flight that followers wait on, once one has joined (set by ``Flights.join``)."""
+        self.orphaned = False
+        """The caller went away: the call goes on for its followers alone."""
+        # The trio task's outcome and its cancel scope (asyncio's task keeps its own).
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.finished: Any = None
+        self.scope: Any = None
+
+    async def _close(self, response: Any) -> None:
+        """Close an answer no caller will read (its connection goes back to the pool)."""
+        if response is not None:
+            await self.adapter.close(response)
+
+    async def _asyncio(self, run: Coroutine[Any, Any, Any]) -> Any:
+        response = await run
+        if self.orphaned:
+            await self._close(response)
+        return response
+
+    async def _trio(self, run: Coroutine[Any, Any, Any]) -> None:
+        import trio  # noqa: PLC0415 - only on trio
+
+        try:
+            with self.scope:
+                try:
+                    self.result = await run
+                except Exception as exc:  # noqa: BLE001 - handed to the caller to raise
+                    self.error = exc
+        finally:
+            self.finished.set()
+        if self.orphaned:
+            with trio.CancelScope(shield=True):
+                await self._close(self.result)
+
+
+def detachable(
+    run: Coroutine[Any, Any, Any], rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any
+) -> Awaitable[Any]:
+    """``run`` (an async guarded call), detached from its caller if ``detach_leaders`` is on."""
+    flights = rt.flights
+    if flights is None or not flights.detach:
+        return run
+    return run_detached(run, flights, adapter, request)
+
+
+async def run_detached(
+    run: Coroutine[Any, Any, Any], flights: Flights, adapter: AsyncAdapter, request: Any
+) -> Any:
+    """Await ``run`` (the guarded call) in a task of its own if it may lead identical calls."""
+    if not flights.may_lead(adapter, request):
+        return await run
+    lead = Lead(adapter)
+    key = id(request)
+    flights.leads[key] = lead
+    try:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no asyncio loop: trio (anyio's other backend)
+            return await _on_trio(run, flights, lead)
+        return await _on_asyncio(loop, run, flights, lead)
+    finally:
+        del flights.leads[key]
+
+
+async def _on_asyncio(
+    loop: asyncio.AbstractEventLoop,
+    run: Coroutine[Any, Any, Any],
+    flights: Flights,
+    lead: Lead,
+) -> Any:
+    task = loop.create_task(lead._asyncio(run))  # noqa: SLF001 - its own helper
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():  # answered as the caller went: no one reads the answer
+            if not task.cancelled() and task.exception() is None:
+                _orphan(loop.create_task(lead._close(task.result())))  # noqa: SLF001
+        elif flights.followed(lead):
+            _orphan(task)
+        else:  # alone: cancel the call, as the caller's own cancellation would have
+            task.cancel()
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait((task,))
+        raise
+
+
+def _orphan(task: asyncio.Task[Any]) -> None:
+    _orphans.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _orphans.discard(task)
+    if not task.cancelled():
+        task.exception()  # recorded by the call itself: retrieved, so asyncio does not log it
+
+
+async def _on_trio(run: Coroutine[Any, Any, Any], flights: Flights, lead: Lead) -> Any:
+    import trio  # noqa: PLC0415 - only on trio
+
+    lead.finished = trio.Event()
+    lead.scope = trio.CancelScope()
+    trio.lowlevel.spawn_system_task(
+        lead._trio,  # noqa: SLF001 - its own helper
+        run,
+        context=contextvars.copy_context(),
+    )
+    try:
+        await lead.finished.wait()
+    except BaseException:
+        if lead.finished.is_set():  # answered as the caller went: no one reads the answer
+            with trio.CancelScope(shield=True):
+                await lead._close(lead.result)  # noqa: SLF001
+        elif not flights.followed(lead):  # alone: cancel the call, and let it end first
+            lead.scope.cancel()
+            with trio.CancelScope(shield=True):
+                await lead.finished.wait()
+        raise
+    if lead.error is not None:
+        raise lead.error
+    return lead.result

@@ -206,6 +206,12 @@ class CoalesceSettings(_Group):
         ge=1,
         description="Calls tracked in flight at once; calls beyond it are not coalesced.",
     )
+    detach_leaders: bool = Field(
+        default=False,
+        description="Async calls that may lead run in a task of their own, so that a leader "
+        "whose caller is cancelled still answers the calls waiting for it (one upstream call, "
+        "not two); costs an extra task per such call.",
+    )
 
 
 class HedgeSettings(_Group):
