@@ -54,6 +54,7 @@ def herd(_herd: tuple[HerdServer, str]) -> Any:
     app, _ = _herd
     app.mode, app.first_hangs = "ok", False
     app.hits.clear()
+    app.disconnects = 0
     app.release()
     yield app
     app.release()
@@ -256,6 +257,117 @@ async def test_a_cancelled_leader_leaves_its_followers_answered(herd, herd_url, 
     assert outcomes == [("cancelled", False), ("success", False)] + [("success", True)] * 4
     assert herd.total == 2  # the cancelled attempt, and the one a follower made in its place
     assert guard.state("spotify_api") == "closed"
+
+
+DETACHED = {"detach_leaders": True}
+
+
+async def cancelled_leader(
+    call: Callable[[], Awaitable[Any]], herd: HerdServer, guard: Guard, followers: int
+) -> list[Any]:
+    """The leader's caller is cancelled while ``followers`` wait: it must leave at once.
+
+    Returns the followers' results; fails if the leader's caller still waited for the
+    upstream (held by the server until after the leader's caller is gone).
+    """
+    results: list[Any] = []
+    left = anyio.Event()
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        leader_scope = anyio.CancelScope()
+
+        async def lead() -> None:
+            with leader_scope:
+                await call()
+                raise AssertionError("the leader's call cannot end while the server holds")
+            left.set()
+
+        async def follow() -> None:
+            results.append(await call())
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+        for _ in range(followers):
+            tg.start_soon(follow)
+        await until(lambda: waiting(guard) == followers)
+        leader_scope.cancel()
+        with anyio.fail_after(5):
+            await left.wait()  # promptly: the server still holds the shared call
+        assert herd.total == 1
+        assert waiting(guard) == followers
+        herd.release()
+    return results
+
+
+async def test_a_cancelled_leader_keeps_the_shared_call_with_detach_leaders(herd, herd_url, clock):
+    """detach_leaders: the leader's caller leaves at once; 19 followers, 1 upstream call."""
+    guard = Guard(make_settings(herd_url, coalesce=DETACHED), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    call = partial(get, herd_url + PLAYLIST, headers=AUTH)
+    results = await cancelled_leader(call, herd, guard, followers=19)
+    assert herd.total == 1
+    assert herd.disconnects == 0
+    assert [r.status_code for r in results] == [200] * 19
+    assert {r.json()["who"] for r in results} == {who(AUTH["Authorization"])}
+    await until(lambda: len(events) == 20)  # the shared call records itself once it ends
+    outcomes = sorted((e.outcome, e.coalesced) for e in events)
+    assert outcomes == [("success", False)] + [("success", True)] * 19
+    flights = guard.upstreams["spotify_api"].flights
+    assert flights is not None
+    assert not flights.leaders
+    assert not flights.leads
+
+
+@pytest.mark.parametrize("detach", [False, True])
+async def test_a_lone_cancelled_call_is_cancelled_at_once(herd, herd_url, clock, detach):
+    """No followers: a cancelled caller's call is cancelled (the server sees the client go)."""
+    guard = Guard(make_settings(herd_url, coalesce={"detach_leaders": detach}), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    herd.hold()
+    with anyio.move_on_after(5) as waited:  # never reached: the test cancels first
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def call() -> None:
+                with scope:
+                    await get(herd_url + PLAYLIST, headers=AUTH)
+
+            tg.start_soon(call)
+            await until(lambda: herd.total == 1)
+            scope.cancel()
+        # The call was over when its caller saw the cancellation: recorded, as without
+        # detaching; the connection it had is closed, and the server sees it go.
+        assert [(e.outcome, e.coalesced) for e in events] == [("cancelled", False)]
+        await until(lambda: herd.disconnects == 1)
+    assert not waited.cancelled_caught
+    herd.release()
+    assert herd.total == 1
+
+
+async def test_a_failure_after_the_leader_left_reaches_everyone_and_counts_once(
+    herd, herd_url, clock
+):
+    """detach_leaders: the shared call fails after its caller left; recorded once, all told."""
+    guard = Guard(
+        make_settings(herd_url, breaker={"fail_max": 2}, retry={"attempts": 1}, coalesce=DETACHED),
+        clock=clock,
+    )
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    herd.mode = "fail"
+    call = partial(get, herd_url + PLAYLIST, headers=AUTH)
+    results = await cancelled_leader(call, herd, guard, followers=5)
+    assert [(r.status_code, r.text) for r in results] == [(503, "no healthy upstream")] * 5
+    await until(lambda: len(events) == 6)
+    outcomes = sorted((e.outcome, e.coalesced) for e in events)
+    assert outcomes == [("failure", False)] + [("failure", True)] * 5
+    assert guard.state("spotify_api") == "closed"  # one failure of fail_max 2: counted once
+    assert herd.total == 1
 
 
 async def test_a_failure_answer_reaches_everyone_and_counts_once(herd, herd_url, clock):
@@ -531,3 +643,24 @@ async def test_twenty_identical_aiohttp_gets_make_one_call(herd, herd_url, clock
         results = await herd_of(5, get, herd, guard)
     assert [r[0] for r in results] == [200] * 5
     assert herd.total == 5
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # aiohttp runs on asyncio only
+async def test_a_cancelled_aiohttp_leader_keeps_the_shared_call(
+    herd, herd_url, clock, anyio_backend
+):
+    """aiohttp, detach_leaders: the leader's caller leaves at once; 1 upstream call."""
+    import aiohttp
+
+    herd.mode = "sized"
+    guard = Guard(make_settings(herd_url, coalesce=DETACHED), clock=clock)
+    async with aiohttp.ClientSession(middlewares=(guard.aiohttp_middleware(),)) as session:
+
+        async def get() -> tuple[int, Any]:
+            async with session.get(herd_url + PLAYLIST, headers=AUTH) as response:
+                return response.status, await response.json()
+
+        results = await cancelled_leader(get, herd, guard, followers=5)
+    assert herd.total == 1
+    assert [status for status, _ in results] == [200] * 5
+    assert {body["who"] for _, body in results} == {who(AUTH["Authorization"])}
