@@ -486,6 +486,7 @@ async def _on_asyncio(
             while not task.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait((task,))
+            _forget(task)
         raise
 
 
