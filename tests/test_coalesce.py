@@ -259,7 +259,7 @@ async def test_a_cancelled_leader_leaves_its_followers_answered(herd, herd_url, 
     assert guard.state("spotify_api") == "closed"
 
 
-DETACHED = {"detach_leaders": True}
+DETACHED = {"detach_leaders": "always"}
 
 
 async def cancelled_leader(
@@ -320,7 +320,7 @@ async def test_a_cancelled_leader_keeps_the_shared_call_with_detach_leaders(herd
     assert not flights.leads
 
 
-@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("detach", ["never", "hot", "always"])
 async def test_a_lone_cancelled_call_is_cancelled_at_once(herd, herd_url, clock, detach):
     """No followers: a cancelled caller's call is cancelled (the server sees the client go)."""
     guard = Guard(make_settings(herd_url, coalesce={"detach_leaders": detach}), clock=clock)

@@ -49,7 +49,7 @@ from ._errors import RetriesExhaustedError, UpstreamUnavailable
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Coroutine
 
-    from ._call import AsyncAdapter, Exchange
+    from ._call import AsyncAdapter, Exchange, _Adapter
     from ._pipeline import UpstreamRuntime
     from ._settings import CoalesceSettings
 
@@ -61,7 +61,11 @@ get_ident = threading.get_ident
 
 def coalesce_key(x: Exchange, flights: Flights) -> bytes | None:
     """A hash of what makes ``x``'s answer (None: ``x`` never coalesces)."""
-    adapter, request = x.adapter, x.request
+    return request_key(x.adapter, x.request, flights)
+
+
+def request_key(adapter: _Adapter, request: Any, flights: Flights) -> bytes | None:
+    """A hash of what makes ``request``'s answer (None: it never coalesces)."""
     method = adapter.method(request)
     if method == "GET":
         if not flights.gets:
@@ -138,6 +142,8 @@ class Flights:
         "calls",
         "detach",
         "gets",
+        "hot",
+        "hot_s",
         "leaders",
         "leads",
         "max_body",
@@ -158,6 +164,10 @@ class Flights:
         self.detach = settings.detach_leaders
         self.leads: dict[int, Lead] = {}
         """Detached calls running, by ``id()`` of their request (``coalesce.detach_leaders``)."""
+        self.hot_s = settings.hot_s
+        self.hot: dict[int, float] = {}
+        """With ``detach_leaders`` "hot": ``hash()`` of the keys followed within ``hot_s``
+        (never a key itself), with when, oldest first; at most ``max_in_flight`` of them."""
         self._lock = threading.Lock()
 
     def join(self, x: Exchange, *, sync: bool) -> Flight | None:
@@ -191,6 +201,8 @@ class Flights:
             if not sync and thread == flight.thread and flight.event is None:
                 flight.event = anyio.Event()
             flight.waiters += 1
+            if self.detach == "hot":
+                self._heat(hash(key), x.rt.clock.monotonic())
             return flight
 
     def _key_unkeyed(self) -> None:
@@ -229,6 +241,36 @@ class Flights:
                 flight.closed = True
         if flight is not None and not flight.done.is_set():
             flight.publish(None, x, rejoin=True)
+
+    def _heat(self, hashed: int, now: float) -> None:
+        # Under the lock. Followed now: to the end (the newest); the oldest go past the cap.
+        hot = self.hot
+        hot.pop(hashed, None)
+        hot[hashed] = now
+        self._cool(now)
+        if len(hot) > self.max_in_flight:
+            del hot[next(iter(hot))]
+
+    def _cool(self, now: float) -> None:
+        # Under the lock. Oldest first: drop the keys not followed within ``hot_s``.
+        hot = self.hot
+        while hot:
+            hashed, at = next(iter(hot.items()))
+            if now - at < self.hot_s:
+                return
+            del hot[hashed]
+
+    def is_hot(self, adapter: AsyncAdapter, request: Any, now: float) -> bool:
+        """Whether ``request``'s key was followed within ``hot_s`` and no call of it leads now.
+
+        A call that comes while an identical call leads will follow it: it needs no task.
+        """
+        key = request_key(adapter, request, self)
+        if key is None:
+            return False
+        with self._lock:
+            self._cool(now)
+            return hash(key) in self.hot and key not in self.leaders
 
     def may_lead(self, adapter: AsyncAdapter, request: Any) -> bool:
         """Whether a call of ``request`` may lead identical calls (what ``coalesce_key`` keys)."""
@@ -440,9 +482,26 @@ class Lead:
 def detachable(
     run: Coroutine[Any, Any, Any], rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any
 ) -> Awaitable[Any]:
-    """``run`` (an async guarded call), detached from its caller if ``detach_leaders`` is on."""
+    """``run`` (an async guarded call), detached from its caller as ``detach_leaders`` says.
+
+    "always": every call that may lead. "hot": token requests, and GETs whose key was
+    followed within ``hot_s`` (none were: one look at an empty table, no key worked out).
+    """
     flights = rt.flights
-    if flights is None or not flights.detach:
+    if flights is None:
+        return run
+    detach = flights.detach
+    if detach == "hot":
+        method = adapter.method(request)
+        if method == "GET":
+            if not flights.hot or not flights.is_hot(adapter, request, rt.clock.monotonic()):
+                return run
+        elif not (
+            method == "POST" and flights.token_requests and adapter.path(request) == TOKEN_PATH
+        ):
+            return run
+        return run_detached(run, flights, adapter, request)
+    if detach == "never" or not flights.may_lead(adapter, request):
         return run
     return run_detached(run, flights, adapter, request)
 
@@ -450,9 +509,7 @@ def detachable(
 async def run_detached(
     run: Coroutine[Any, Any, Any], flights: Flights, adapter: AsyncAdapter, request: Any
 ) -> Any:
-    """Await ``run`` (the guarded call) in a task of its own if it may lead identical calls."""
-    if not flights.may_lead(adapter, request):
-        return await run
+    """Await ``run`` (a guarded call that may lead identical calls) in a task of its own."""
     lead = Lead(adapter)
     key = id(request)
     flights.leads[key] = lead
