@@ -415,8 +415,8 @@ async def test_hotness_expires_after_hot_s_and_the_table_keeps_the_newest(herd, 
     flights = guard.upstreams["spotify_api"].flights
     assert flights is not None
 
-    def track(i: int) -> Awaitable[Any]:
-        return get(f"{herd_url}/v1/tracks/{i}", headers=AUTH)
+    def track(i: int, auth: dict[str, str] = AUTH) -> Awaitable[Any]:
+        return get(f"{herd_url}/v1/tracks/{i}", headers=auth)
 
     async def shared(i: int) -> None:  # a herd of two: the key gets a follower
         herd.hits.clear()
@@ -424,18 +424,19 @@ async def test_hotness_expires_after_hot_s_and_the_table_keeps_the_newest(herd, 
             200
         ] * 2
 
-    async def kept(i: int) -> bool:  # whether a cancelled leader keeps the shared call
+    async def kept(i: int, auth: dict[str, str] = AUTH) -> bool:  # the cancelled leader's call
         herd.hits.clear()
         herd.disconnects = 0
-        if len(await led_or_kept(partial(track, i), herd, guard)) != 3:
+        if len(await led_or_kept(partial(track, i, auth), herd, guard)) != 3:
             raise AssertionError("each follower gets an answer")
         return herd.total == 1
 
     for i in range(5):  # five keys followed, a second apart: only the newest 3 are kept
         await shared(i)
         clock.advance(1)
-    assert len(flights.hot) == 3
+    assert (len(flights.hot), len(flights.hot_urls)) == (3, 3)
     assert not await kept(0)  # dropped, the oldest first: cold again
+    assert not await kept(4, {"Authorization": "Bearer user-b-token"})  # hot for user a only
     assert await kept(4)
     clock.advance(29.5)  # 29.5 s after track 4's last follower: still hot
     assert await kept(4)
@@ -443,7 +444,7 @@ async def test_hotness_expires_after_hot_s_and_the_table_keeps_the_newest(herd, 
     assert not await kept(4)
     clock.advance(30)
     await shared(9)  # every other key has cooled by now, and goes when the table is looked at
-    assert len(flights.hot) == 1
+    assert (len(flights.hot), len(flights.hot_urls)) == (1, 1)
 
 
 async def led_or_kept(call: Callable[[], Awaitable[Any]], herd: HerdServer, guard: Guard) -> Any:

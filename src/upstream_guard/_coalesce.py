@@ -144,6 +144,7 @@ class Flights:
         "gets",
         "hot",
         "hot_s",
+        "hot_urls",
         "leaders",
         "leads",
         "max_body",
@@ -168,6 +169,8 @@ class Flights:
         self.hot: dict[int, float] = {}
         """With ``detach_leaders`` "hot": ``hash()`` of the keys followed within ``hot_s``
         (never a key itself), with when, oldest first; at most ``max_in_flight`` of them."""
+        self.hot_urls: dict[int, float] = {}
+        """The same for ``hash()`` of their URLs: a call to another URL works out no key."""
         self._lock = threading.Lock()
 
     def join(self, x: Exchange, *, sync: bool) -> Flight | None:
@@ -202,7 +205,8 @@ class Flights:
                 flight.event = anyio.Event()
             flight.waiters += 1
             if self.detach == "hot":
-                self._heat(hash(key), x.rt.clock.monotonic())
+                url = hash(str(x.adapter.location(x.request)))
+                self._heat(hash(key), url, x.rt.clock.monotonic())
             return flight
 
     def _key_unkeyed(self) -> None:
@@ -242,18 +246,17 @@ class Flights:
         if flight is not None and not flight.done.is_set():
             flight.publish(None, x, rejoin=True)
 
-    def _heat(self, hashed: int, now: float) -> None:
+    def _heat(self, key: int, url: int, now: float) -> None:
         # Under the lock. Followed now: to the end (the newest); the oldest go past the cap.
-        hot = self.hot
-        hot.pop(hashed, None)
-        hot[hashed] = now
-        self._cool(now)
-        if len(hot) > self.max_in_flight:
-            del hot[next(iter(hot))]
+        for hot, hashed in ((self.hot, key), (self.hot_urls, url)):
+            hot.pop(hashed, None)
+            hot[hashed] = now
+            self._cool(hot, now)
+            if len(hot) > self.max_in_flight:
+                del hot[next(iter(hot))]
 
-    def _cool(self, now: float) -> None:
-        # Under the lock. Oldest first: drop the keys not followed within ``hot_s``.
-        hot = self.hot
+    def _cool(self, hot: dict[int, float], now: float) -> None:
+        # Under the lock. Oldest first: drop the entries not followed within ``hot_s``.
         while hot:
             hashed, at = next(iter(hot.items()))
             if now - at < self.hot_s:
@@ -263,13 +266,20 @@ class Flights:
     def is_hot(self, adapter: AsyncAdapter, request: Any, now: float) -> bool:
         """Whether ``request``'s key was followed within ``hot_s`` and no call of it leads now.
 
-        A call that comes while an identical call leads will follow it: it needs no task.
+        The URL first (cheap); the key (hashing the identity) only for a hot URL. A call
+        that comes while an identical call leads will follow it: it needs no task.
         """
+        url = hash(str(adapter.location(request)))
+        with self._lock:
+            self._cool(self.hot_urls, now)
+            if url not in self.hot_urls:
+                self._cool(self.hot, now)
+                return False
         key = request_key(adapter, request, self)
         if key is None:
             return False
         with self._lock:
-            self._cool(now)
+            self._cool(self.hot, now)
             return hash(key) in self.hot and key not in self.leaders
 
     def may_lead(self, adapter: AsyncAdapter, request: Any) -> bool:
@@ -494,7 +504,7 @@ def detachable(
     if detach == "hot":
         method = adapter.method(request)
         if method == "GET":
-            if not flights.hot or not flights.is_hot(adapter, request, rt.clock.monotonic()):
+            if not flights.hot_urls or not flights.is_hot(adapter, request, rt.clock.monotonic()):
                 return run
         elif not (
             method == "POST" and flights.token_requests and adapter.path(request) == TOKEN_PATH
