@@ -14,10 +14,13 @@ leading the rest). A follower never counts in the breaker, the bulkhead or the b
 
 Cancellation: a follower that is cancelled stops waiting; the others wait on. A leader's
 caller that is cancelled cancels the call it runs (its attempt dies with its task) and the
-followers lead again, unless ``coalesce.detach_leaders`` is on: then async calls that may
-lead run in a task of their own (``run_detached``), and a cancelled caller leaves at once
-while the call goes on for its followers; with no followers it is cancelled and awaited,
-as it would be without the guard. See the section at the end for why it costs a task.
+followers lead again, unless the call was detached (``coalesce.detach_leaders``): then it
+runs in a task of its own (``run_detached``), and a cancelled caller leaves at once while
+the call goes on for its followers; with no followers it is cancelled and awaited, as it
+would be without the guard. See the section at the end for why it costs a task, and so
+why by default ("hot") only calls likely to be shared are detached: token requests, and
+GETs whose key had a follower within ``coalesce.hot_s`` (``Flights.hot``: ``hash()`` of
+keys and of their URLs, so an uncrowded call to a cold URL reads one empty dict).
 
 The hot path: a call made while no other call to the upstream is in flight registers itself
 in ``Flights.calls`` (no key, no lock) and leaves when done. Keys are worked out only when a
