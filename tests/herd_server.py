@@ -4,6 +4,7 @@ Every answer says who asked (a hash of the Authorization header, the Accept-Lang
 path and query, and a token request's refresh token), so a test can check that each caller
 got its own answer. ``hold()`` keeps requests waiting until ``release()``; ``first_hangs``
 keeps the first request of each path waiting until released and answers the others.
+``disconnects`` counts the held requests whose client went away before the release.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class HerdServer:
         self.mode = "ok"
         self.big_bytes = 4096
         self.first_hangs = False
+        self.disconnects = 0
         self._gate = threading.Event()
         self._gate.set()
         self._lock = threading.Lock()
@@ -51,6 +53,26 @@ class HerdServer:
     def release(self) -> None:
         """Let waiting requests answer."""
         self._gate.set()
+
+    async def _held_until_gone(self, receive: Any) -> bool:
+        """Wait for ``release``; whether the client went away first (counted, unanswered)."""
+        gone = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await anyio.to_thread.run_sync(self._gate.wait, abandon_on_cancel=True)
+            tg.cancel_scope.cancel()
+        if gone:
+            with self._lock:
+                self.disconnects += 1
+        return gone
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Serve one request."""
@@ -69,8 +91,9 @@ class HerdServer:
         with self._lock:
             self.hits[path] += 1
             first = self.hits[path] == 1
-        if not self._gate.is_set() and (first or not self.first_hangs):
-            await anyio.to_thread.run_sync(self._gate.wait, abandon_on_cancel=True)
+        held = not self._gate.is_set() and (first or not self.first_hangs)
+        if held and await self._held_until_gone(receive):
+            return
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         if self.mode == "fail":
             await _answer(send, 503, b"no healthy upstream", "text/plain")

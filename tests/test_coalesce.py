@@ -54,6 +54,7 @@ def herd(_herd: tuple[HerdServer, str]) -> Any:
     app, _ = _herd
     app.mode, app.first_hangs = "ok", False
     app.hits.clear()
+    app.disconnects = 0
     app.release()
     yield app
     app.release()
@@ -223,12 +224,14 @@ async def test_a_follower_stops_at_its_own_deadline_and_the_leader_goes_on(herd,
     assert guard.state("spotify_api") == "closed"
 
 
-async def test_a_cancelled_leader_leaves_its_followers_answered(herd, herd_url, clock):
-    """The leader's caller goes away: followers are not cancelled; one of them leads on."""
-    guard = Guard(make_settings(herd_url), clock=clock)
-    events: list[CallEvent] = []
-    guard.subscribe(events.append)
-    get = client_get("httpx", guard)
+async def led_again(
+    call: Callable[[], Awaitable[Any]], herd: HerdServer, guard: Guard, followers: int
+) -> list[Any]:
+    """The leader's caller is cancelled while ``followers`` wait, and its call with it.
+
+    Returns the followers' results, once one of them has sent the call again and the others
+    wait for it (the server holds both calls until then).
+    """
     results: list[Any] = []
     herd.hold()
     async with anyio.create_task_group() as tg:
@@ -236,26 +239,298 @@ async def test_a_cancelled_leader_leaves_its_followers_answered(herd, herd_url, 
 
         async def lead() -> None:
             with leader_scope:
-                await get(herd_url + PLAYLIST, headers=AUTH)
+                await call()
 
         tg.start_soon(lead)
         await until(lambda: herd.total == 1)
 
         async def follow() -> None:
-            results.append(await get(herd_url + PLAYLIST, headers=AUTH))
+            results.append(await call())
 
-        for _ in range(5):
+        for _ in range(followers):
             tg.start_soon(follow)
-        await until(lambda: waiting(guard) == 5)
+        await until(lambda: waiting(guard) == followers)
         leader_scope.cancel()
-        await until(lambda: herd.total == 2 and waiting(guard) == 4)
+        await until(lambda: herd.total == 2 and waiting(guard) == followers - 1)
         herd.release()
+    return results
+
+
+async def test_a_cancelled_leader_leaves_its_followers_answered(herd, herd_url, clock):
+    """A cold key (default settings): the leader's call is cancelled; a follower leads on."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    results = await led_again(partial(get, herd_url + PLAYLIST, headers=AUTH), herd, guard, 5)
     assert [r.status_code for r in results] == [200] * 5
     assert {r.json()["who"] for r in results} == {who(AUTH["Authorization"])}
     outcomes = sorted((e.outcome, e.coalesced) for e in events)
     assert outcomes == [("cancelled", False), ("success", False)] + [("success", True)] * 4
     assert herd.total == 2  # the cancelled attempt, and the one a follower made in its place
     assert guard.state("spotify_api") == "closed"
+
+
+DETACHED = {"detach_leaders": "always"}
+
+
+async def cancelled_leader(
+    call: Callable[[], Awaitable[Any]],
+    herd: HerdServer,
+    guard: Guard,
+    followers: int,
+    upstream: str = "spotify_api",
+) -> list[Any]:
+    """The leader's caller is cancelled while ``followers`` wait: it must leave at once.
+
+    Returns the followers' results; fails if the leader's caller still waited for the
+    upstream (held by the server until after the leader's caller is gone).
+    """
+    results: list[Any] = []
+    left = anyio.Event()
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        leader_scope = anyio.CancelScope()
+
+        async def lead() -> None:
+            with leader_scope:
+                await call()
+                raise AssertionError("the leader's call cannot end while the server holds")
+            left.set()
+
+        async def follow() -> None:
+            results.append(await call())
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+        for _ in range(followers):
+            tg.start_soon(follow)
+        await until(lambda: waiting(guard, upstream) == followers)
+        leader_scope.cancel()
+        with anyio.fail_after(5):
+            await left.wait()  # promptly: the server still holds the shared call
+        assert herd.total == 1
+        assert waiting(guard, upstream) == followers
+        herd.release()
+    return results
+
+
+async def test_a_cancelled_leader_keeps_the_shared_call_with_detach_leaders(herd, herd_url, clock):
+    """detach_leaders: the leader's caller leaves at once; 19 followers, 1 upstream call."""
+    guard = Guard(make_settings(herd_url, coalesce=DETACHED), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    call = partial(get, herd_url + PLAYLIST, headers=AUTH)
+    results = await cancelled_leader(call, herd, guard, followers=19)
+    assert herd.total == 1
+    assert herd.disconnects == 0
+    assert [r.status_code for r in results] == [200] * 19
+    assert {r.json()["who"] for r in results} == {who(AUTH["Authorization"])}
+    await until(lambda: len(events) == 20)  # the shared call records itself once it ends
+    outcomes = sorted((e.outcome, e.coalesced) for e in events)
+    assert outcomes == [("success", False)] + [("success", True)] * 19
+    flights = guard.upstreams["spotify_api"].flights
+    assert flights is not None
+    assert not flights.leaders
+    assert not flights.leads
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's own cancellation
+@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+async def test_asyncio_cancellation_of_a_detached_leader(herd, herd_url, clock, anyio_backend, how):
+    """detach_leaders "always": task.cancel() or asyncio.timeout on the leader; 1 call for all."""
+    import asyncio
+
+    guard = Guard(make_settings(herd_url, coalesce=DETACHED), clock=clock)
+    get = client_get("httpx", guard)
+    call = partial(get, herd_url + PLAYLIST, headers=AUTH)
+    timeout = asyncio.timeout(None)
+
+    async def lead() -> Any:
+        if how == "task.cancel":
+            return await call()
+        async with timeout:
+            return await call()
+
+    herd.hold()
+    leader = asyncio.ensure_future(lead())
+    await until(lambda: herd.total == 1)
+    followers = [asyncio.ensure_future(call()) for _ in range(5)]
+    await until(lambda: waiting(guard) == 5)
+    if how == "task.cancel":
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(leader, 5)
+    else:
+        timeout.reschedule(asyncio.get_running_loop().time())  # it expires now
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(leader, 5)
+    assert herd.total == 1  # the server still holds the shared call: the leader left at once
+    assert waiting(guard) == 5
+    herd.release()
+    results = await asyncio.gather(*followers)
+    assert [r.status_code for r in results] == [200] * 5
+    assert herd.total == 1
+    assert herd.disconnects == 0
+
+
+def instrumented_get(guard: Guard) -> Get:
+    """``await get(url, headers=...)`` through a plain httpx.AsyncClient, guard instrumented."""
+    guard.instrument()
+    return httpx.AsyncClient().get
+
+
+@pytest.mark.parametrize("kind", ["httpx", "httpx2", "instrumented"])
+async def test_a_hot_keys_cancelled_leader_keeps_the_shared_call_by_default(
+    herd, herd_url, clock, kind
+):
+    """Default settings: a key shared once is hot; its next herd's leader leaves, 1 call."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = instrumented_get(guard) if kind == "instrumented" else client_get(kind, guard)
+    call = partial(get, herd_url + PLAYLIST, headers=AUTH)
+    assert [r.status_code for r in await herd_of(2, call, herd, guard)] == [200] * 2
+    herd.hits.clear()
+    events.clear()
+    results = await cancelled_leader(call, herd, guard, followers=19)
+    assert herd.total == 1
+    assert herd.disconnects == 0
+    assert [r.status_code for r in results] == [200] * 19
+    assert {r.json()["who"] for r in results} == {who(AUTH["Authorization"])}
+    await until(lambda: len(events) == 20)  # the shared call records itself once it ends
+    outcomes = sorted((e.outcome, e.coalesced) for e in events)
+    assert outcomes == [("success", False)] + [("success", True)] * 19
+    flights = guard.upstreams["spotify_api"].flights
+    assert flights is not None
+    assert not flights.leaders
+    assert not flights.leads
+
+
+async def test_hotness_expires_after_hot_s_and_the_table_keeps_the_newest(herd, herd_url, clock):
+    """A key is hot for ``hot_s`` after its last follower; at most ``max_in_flight`` keys."""
+    guard = Guard(make_settings(herd_url, coalesce={"hot_s": 30, "max_in_flight": 3}), clock=clock)
+    get = client_get("httpx", guard)
+    flights = guard.upstreams["spotify_api"].flights
+    assert flights is not None
+
+    def track(i: int, auth: dict[str, str] = AUTH) -> Awaitable[Any]:
+        return get(f"{herd_url}/v1/tracks/{i}", headers=auth)
+
+    async def shared(i: int) -> None:  # a herd of two: the key gets a follower
+        herd.hits.clear()
+        assert [r.status_code for r in await herd_of(2, partial(track, i), herd, guard)] == [
+            200
+        ] * 2
+
+    async def kept(i: int, auth: dict[str, str] = AUTH) -> bool:  # the cancelled leader's call
+        herd.hits.clear()
+        herd.disconnects = 0
+        if len(await led_or_kept(partial(track, i, auth), herd, guard)) != 3:
+            raise AssertionError("each follower gets an answer")
+        return herd.total == 1
+
+    for i in range(5):  # five keys followed, a second apart: only the newest 3 are kept
+        await shared(i)
+        clock.advance(1)
+    assert (len(flights.hot), len(flights.hot_urls)) == (3, 3)
+    assert not await kept(0)  # dropped, the oldest first: cold again
+    assert not await kept(4, {"Authorization": "Bearer user-b-token"})  # hot for user a only
+    assert await kept(4)
+    clock.advance(29.5)  # 29.5 s after track 4's last follower: still hot
+    assert await kept(4)
+    clock.advance(30)  # 30 s after it: cold
+    assert not await kept(4)
+    clock.advance(30)
+    await shared(9)  # every other key has cooled by now, and goes when the table is looked at
+    assert (len(flights.hot), len(flights.hot_urls)) == (1, 1)
+
+
+async def led_or_kept(call: Callable[[], Awaitable[Any]], herd: HerdServer, guard: Guard) -> Any:
+    """A leader's caller cancelled while 3 wait: its call goes on (detached) or is made again."""
+    results: list[Any] = []
+    left = anyio.Event()
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        leader_scope = anyio.CancelScope()
+
+        async def lead() -> None:
+            with leader_scope:
+                await call()
+            left.set()
+
+        async def follow() -> None:
+            results.append(await call())
+
+        tg.start_soon(lead)
+        await until(lambda: herd.total == 1)
+        for _ in range(3):
+            tg.start_soon(follow)
+        await until(lambda: waiting(guard) == 3)
+        leader_scope.cancel()
+        with anyio.fail_after(5):
+            await left.wait()  # detached or not, the caller leaves while the server holds
+        # Detached, the leader's call is still the one the server holds, and 3 wait for it;
+        # not, a follower sends it again and 2 wait for that one.
+        await until(
+            lambda: (
+                (herd.total == 1 and herd.disconnects == 0 and waiting(guard) == 3)
+                or (herd.total == 2 and waiting(guard) == 2)
+            )
+        )
+        herd.release()
+    return results
+
+
+@pytest.mark.parametrize("detach", ["never", "hot", "always"])
+async def test_a_lone_cancelled_call_is_cancelled_at_once(herd, herd_url, clock, detach):
+    """No followers: a cancelled caller's call is cancelled (the server sees the client go)."""
+    guard = Guard(make_settings(herd_url, coalesce={"detach_leaders": detach}), clock=clock)
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    herd.hold()
+    with anyio.move_on_after(5) as waited:  # never reached: the test cancels first
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def call() -> None:
+                with scope:
+                    await get(herd_url + PLAYLIST, headers=AUTH)
+
+            tg.start_soon(call)
+            await until(lambda: herd.total == 1)
+            scope.cancel()
+        # The call was over when its caller saw the cancellation: recorded, as without
+        # detaching; the connection it had is closed, and the server sees it go.
+        assert [(e.outcome, e.coalesced) for e in events] == [("cancelled", False)]
+        await until(lambda: herd.disconnects == 1)
+    assert not waited.cancelled_caught
+    herd.release()
+    assert herd.total == 1
+
+
+async def test_a_failure_after_the_leader_left_reaches_everyone_and_counts_once(
+    herd, herd_url, clock
+):
+    """detach_leaders: the shared call fails after its caller left; recorded once, all told."""
+    guard = Guard(
+        make_settings(herd_url, breaker={"fail_max": 2}, retry={"attempts": 1}, coalesce=DETACHED),
+        clock=clock,
+    )
+    events: list[CallEvent] = []
+    guard.subscribe(events.append)
+    get = client_get("httpx", guard)
+    herd.mode = "fail"
+    call = partial(get, herd_url + PLAYLIST, headers=AUTH)
+    results = await cancelled_leader(call, herd, guard, followers=5)
+    assert [(r.status_code, r.text) for r in results] == [(503, "no healthy upstream")] * 5
+    await until(lambda: len(events) == 6)
+    outcomes = sorted((e.outcome, e.coalesced) for e in events)
+    assert outcomes == [("failure", False)] + [("failure", True)] * 5
+    assert guard.state("spotify_api") == "closed"  # one failure of fail_max 2: counted once
+    assert herd.total == 1
 
 
 async def test_a_failure_answer_reaches_everyone_and_counts_once(herd, herd_url, clock):
@@ -374,6 +649,26 @@ async def test_concurrent_token_refreshes_mint_once_per_refresh_token(herd, herd
     assert herd.hits["/api/token"] == 2
     for token, response in minted:
         assert response.json()["refresh_token"] == token
+
+
+async def test_a_cancelled_refresh_still_mints_once_for_the_others(herd, herd_url, clock):
+    """Default settings: 10 identical refreshes, the leader's caller cancelled; 1 mint, 9 tokens."""
+    hostport = herd_url.split("://", 1)[1]
+    settings = GuardSettings(
+        upstreams={
+            "spotify_api": {"hosts": ["api.example"]},
+            "spotify_accounts": {"hosts": [hostport]},
+        }
+    )
+    guard = Guard(settings, clock=clock)
+    client = httpx.AsyncClient(transport=guard.async_transport())
+    basic = {"Authorization": "Basic Y2xpZW50OnNlY3JldA=="}
+    form = {"grant_type": "refresh_token", "refresh_token": "refresh-a"}
+    call = partial(client.post, herd_url + "/api/token", data=form, headers=basic)
+    results = await cancelled_leader(call, herd, guard, followers=9, upstream="spotify_accounts")
+    assert herd.hits["/api/token"] == 1
+    assert herd.disconnects == 0
+    assert [r.json()["refresh_token"] for r in results] == ["refresh-a"] * 9
 
 
 async def test_no_other_post_is_ever_coalesced(herd, herd_url, clock):
@@ -531,3 +826,24 @@ async def test_twenty_identical_aiohttp_gets_make_one_call(herd, herd_url, clock
         results = await herd_of(5, get, herd, guard)
     assert [r[0] for r in results] == [200] * 5
     assert herd.total == 5
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # aiohttp runs on asyncio only
+async def test_a_cancelled_aiohttp_leader_keeps_the_shared_call(
+    herd, herd_url, clock, anyio_backend
+):
+    """aiohttp, detach_leaders: the leader's caller leaves at once; 1 upstream call."""
+    import aiohttp
+
+    herd.mode = "sized"
+    guard = Guard(make_settings(herd_url, coalesce=DETACHED), clock=clock)
+    async with aiohttp.ClientSession(middlewares=(guard.aiohttp_middleware(),)) as session:
+
+        async def get() -> tuple[int, Any]:
+            async with session.get(herd_url + PLAYLIST, headers=AUTH) as response:
+                return response.status, await response.json()
+
+        results = await cancelled_leader(get, herd, guard, followers=5)
+    assert herd.total == 1
+    assert [status for status, _ in results] == [200] * 5
+    assert {body["who"] for _, body in results} == {who(AUTH["Authorization"])}

@@ -72,6 +72,21 @@ def test_code_overrides_merge_too():
             "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__RETRY__ATTEMPS",
         ),
         (
+            {"spotify_api": {"coalesce": {"detach_leaders": "sometimes"}}},
+            "upstreams.spotify_api.coalesce.detach_leaders",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__COALESCE__DETACH_LEADERS",
+        ),
+        (
+            {"spotify_api": {"coalesce": {"hot_s": 0}}},
+            "upstreams.spotify_api.coalesce.hot_s",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__COALESCE__HOT_S",
+        ),
+        (
+            {"spotify_api": {"coalesce": {"hot_s": float("inf")}}},
+            "upstreams.spotify_api.coalesce.hot_s",
+            "UPSTREAM_GUARD_UPSTREAMS__SPOTIFY_API__COALESCE__HOT_S",
+        ),
+        (
             {"mine": {"hosts": []}},
             "upstreams.mine.hosts",
             "UPSTREAM_GUARD_UPSTREAMS__MINE__HOSTS",

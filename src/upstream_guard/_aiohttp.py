@@ -35,6 +35,7 @@ from yarl import URL
 
 from ._call import run_async
 from ._classify import FAILURE_BODY
+from ._coalesce import detachable
 from ._instrument import active_guard
 
 if TYPE_CHECKING:
@@ -417,7 +418,8 @@ def middleware(guard: Guard | None) -> aiohttp.ClientMiddlewareType:
         if rt is None:
             return await handler(request)
         assert g is not None  # noqa: S101 - route found it
-        response: Response = await run_async(g, rt, ADAPTER, request, handler)
+        run = run_async(g, rt, ADAPTER, request, handler)
+        response: Response = await detachable(run, rt, ADAPTER, request)
         return response
 
     return upstream_guard

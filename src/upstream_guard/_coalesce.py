@@ -12,6 +12,16 @@ error, as an error of their own; or, when the leader went away without an answer
 body is over ``coalesce.max_body_bytes``, they make their calls themselves (one of them
 leading the rest). A follower never counts in the breaker, the bulkhead or the budget.
 
+Cancellation: a follower that is cancelled stops waiting; the others wait on. A leader's
+caller that is cancelled cancels the call it runs (its attempt dies with its task) and the
+followers lead again, unless the call was detached (``coalesce.detach_leaders``): then it
+runs in a task of its own (``run_detached``), and a cancelled caller leaves at once while
+the call goes on for its followers; with no followers it is cancelled and awaited, as it
+would be without the guard. See the section at the end for why it costs a task, and so
+why by default ("hot") only calls likely to be shared are detached: token requests, and
+GETs whose key had a follower within ``coalesce.hot_s`` (``Flights.hot``: ``hash()`` of
+keys and of their URLs, so an uncrowded call to a cold URL reads one empty dict).
+
 The hot path: a call made while no other call to the upstream is in flight registers itself
 in ``Flights.calls`` (no key, no lock) and leaves when done. Keys are worked out only when a
 second call comes: for the newcomer and the calls in flight not keyed yet, which move to
@@ -25,6 +35,9 @@ of that loop: it would block the loop the leader needs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import hashlib
 import threading
 from typing import TYPE_CHECKING, Any
@@ -37,7 +50,10 @@ from ._cache import CachedResponse
 from ._errors import RetriesExhaustedError, UpstreamUnavailable
 
 if TYPE_CHECKING:
-    from ._call import Exchange
+    from collections.abc import Awaitable, Coroutine
+
+    from ._call import AsyncAdapter, Exchange, _Adapter
+    from ._pipeline import UpstreamRuntime
     from ._settings import CoalesceSettings
 
 TOKEN_PATH = "/api/token"  # noqa: S105 - a path, not a secret
@@ -48,7 +64,11 @@ get_ident = threading.get_ident
 
 def coalesce_key(x: Exchange, flights: Flights) -> bytes | None:
     """A hash of what makes ``x``'s answer (None: ``x`` never coalesces)."""
-    adapter, request = x.adapter, x.request
+    return request_key(x.adapter, x.request, flights)
+
+
+def request_key(adapter: _Adapter, request: Any, flights: Flights) -> bytes | None:
+    """A hash of what makes ``request``'s answer (None: it never coalesces)."""
     method = adapter.method(request)
     if method == "GET":
         if not flights.gets:
@@ -123,8 +143,13 @@ class Flights:
     __slots__ = (
         "_lock",
         "calls",
+        "detach",
         "gets",
+        "hot",
+        "hot_s",
+        "hot_urls",
         "leaders",
+        "leads",
         "max_body",
         "max_in_flight",
         "token_requests",
@@ -140,6 +165,15 @@ class Flights:
         """Calls in flight not keyed yet, with their threads (the hot path adds here)."""
         self.leaders: dict[bytes, Exchange] = {}
         """Keyed calls in flight that identical calls may follow."""
+        self.detach = settings.detach_leaders
+        self.leads: dict[int, Lead] = {}
+        """Detached calls running, by ``id()`` of their request (``coalesce.detach_leaders``)."""
+        self.hot_s = settings.hot_s
+        self.hot: dict[int, float] = {}
+        """With ``detach_leaders`` "hot": ``hash()`` of the keys followed within ``hot_s``
+        (never a key itself), with when, oldest first; at most ``max_in_flight`` of them."""
+        self.hot_urls: dict[int, float] = {}
+        """The same for ``hash()`` of their URLs: a call to another URL works out no key."""
         self._lock = threading.Lock()
 
     def join(self, x: Exchange, *, sync: bool) -> Flight | None:
@@ -167,9 +201,15 @@ class Flights:
             flight = leader.flight
             if flight is None:
                 flight = leader.flight = Flight(leader.thread, leader.deadline)
+                lead = self.leads.get(id(leader.request))
+                if lead is not None:  # a detached leader: it outlives its caller from now on
+                    lead.flight = flight
             if not sync and thread == flight.thread and flight.event is None:
                 flight.event = anyio.Event()
             flight.waiters += 1
+            if self.detach == "hot":
+                url = hash(str(x.adapter.location(x.request)))
+                self._heat(hash(key), url, x.rt.clock.monotonic())
             return flight
 
     def _key_unkeyed(self) -> None:
@@ -208,6 +248,56 @@ class Flights:
                 flight.closed = True
         if flight is not None and not flight.done.is_set():
             flight.publish(None, x, rejoin=True)
+
+    def _heat(self, key: int, url: int, now: float) -> None:
+        # Under the lock. Followed now: to the end (the newest); the oldest go past the cap.
+        for hot, hashed in ((self.hot, key), (self.hot_urls, url)):
+            hot.pop(hashed, None)
+            hot[hashed] = now
+            self._cool(hot, now)
+            if len(hot) > self.max_in_flight:
+                del hot[next(iter(hot))]
+
+    def _cool(self, hot: dict[int, float], now: float) -> None:
+        # Under the lock. Oldest first: drop the entries not followed within ``hot_s``.
+        while hot:
+            hashed, at = next(iter(hot.items()))
+            if now - at < self.hot_s:
+                return
+            del hot[hashed]
+
+    def is_hot(self, adapter: AsyncAdapter, request: Any, now: float) -> bool:
+        """Whether ``request``'s key was followed within ``hot_s`` and no call of it leads now.
+
+        The URL first (cheap); the key (hashing the identity) only for a hot URL. A call
+        that comes while an identical call leads will follow it: it needs no task.
+        """
+        url = hash(str(adapter.location(request)))
+        with self._lock:
+            self._cool(self.hot_urls, now)
+            if url not in self.hot_urls:
+                self._cool(self.hot, now)
+                return False
+        key = request_key(adapter, request, self)
+        if key is None:
+            return False
+        with self._lock:
+            self._cool(self.hot, now)
+            return hash(key) in self.hot and key not in self.leaders
+
+    def may_lead(self, adapter: AsyncAdapter, request: Any) -> bool:
+        """Whether a call of ``request`` may lead identical calls (what ``coalesce_key`` keys)."""
+        method = adapter.method(request)
+        if method == "GET":
+            return self.gets
+        return self.token_requests and method == "POST" and adapter.path(request) == TOKEN_PATH
+
+    def followed(self, lead: Lead) -> bool:
+        """The caller of ``lead`` went away: whether followers still wait for its answer."""
+        with self._lock:
+            flight = lead.flight
+            lead.orphaned = True
+            return flight is not None and flight.waiters > 0 and not flight.done.is_set()
 
     def left(self, flight: Flight) -> None:
         """A follower is done waiting; the last one lets the answer go."""
@@ -337,3 +427,171 @@ async def _wait(x: Exchange, flight: Flight) -> bool:
         await event.wait()
         tg.cancel_scope.cancel()
     return flight.done.is_set()
+
+
+# -- a leader that outlives its caller (``coalesce.detach_leaders``) -----------------------------
+#
+# A call runs in its caller's task, so cancelling the caller cancels the attempt in flight:
+# httpcore, aiohttp and every other client close the connection of a request cancelled
+# half-way. To keep the attempt for the followers, it must already run in another task
+# when the cancellation comes; followers come at any time, so every call that may lead pays
+# for a task (two more turns of the event loop on asyncio). Hence a setting.
+#
+# The caller waits for the task. Cancelled, it looks at the call's flight: followers wait
+# for it, so the task goes on alone (its response, which no one will read, is closed; its
+# record is made once, by the call itself); or none do, so the task is cancelled and
+# awaited before the caller's own cancellation goes on, as if the call had run in the
+# caller's task. The task gets a copy of the caller's context (request context, tracing).
+
+_orphans: set[asyncio.Task[Any]] = set()
+"""Tasks whose callers went away, kept from the garbage collector until they end."""
+
+
+class Lead:
+    """A call running in a task of its own, and what its caller needs to know of it."""
+
+    __slots__ = ("adapter", "error", "finished", "flight", "orphaned", "result", "scope")
+
+    def __init__(self, adapter: AsyncAdapter) -> None:
+        """A call of a client of ``adapter``, not started."""
+        self.adapter = adapter
+        self.flight: Flight | None = None
+        """The flight that followers wait on, once one has joined (set by ``Flights.join``)."""
+        self.orphaned = False
+        """The caller went away: the call goes on for its followers alone."""
+        # The trio task's outcome and its cancel scope (asyncio's task keeps its own).
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.finished: Any = None
+        self.scope: Any = None
+
+    async def _close(self, response: Any) -> None:
+        """Close an answer no caller will read (its connection goes back to the pool)."""
+        if response is not None:
+            await self.adapter.close(response)
+
+    async def _asyncio(self, run: Coroutine[Any, Any, Any]) -> Any:
+        response = await run
+        if self.orphaned:
+            await self._close(response)
+        return response
+
+    async def _trio(self, run: Coroutine[Any, Any, Any]) -> None:
+        import trio  # noqa: PLC0415 - only on trio
+
+        try:
+            with self.scope:
+                try:
+                    self.result = await run
+                except Exception as exc:  # noqa: BLE001 - handed to the caller to raise
+                    self.error = exc
+        finally:
+            self.finished.set()
+        if self.orphaned:
+            with trio.CancelScope(shield=True):
+                await self._close(self.result)
+
+
+def detachable(
+    run: Coroutine[Any, Any, Any], rt: UpstreamRuntime, adapter: AsyncAdapter, request: Any
+) -> Awaitable[Any]:
+    """``run`` (an async guarded call), detached from its caller as ``detach_leaders`` says.
+
+    "always": every call that may lead. "hot": token requests, and GETs whose key was
+    followed within ``hot_s`` (none were: one look at an empty table, no key worked out).
+    """
+    flights = rt.flights
+    if flights is None:
+        return run
+    detach = flights.detach
+    if detach == "hot":
+        method = adapter.method(request)
+        if method == "GET":
+            if not flights.hot_urls or not flights.is_hot(adapter, request, rt.clock.monotonic()):
+                return run
+        elif not (
+            method == "POST" and flights.token_requests and adapter.path(request) == TOKEN_PATH
+        ):
+            return run
+        return run_detached(run, flights, adapter, request)
+    if detach == "never" or not flights.may_lead(adapter, request):
+        return run
+    return run_detached(run, flights, adapter, request)
+
+
+async def run_detached(
+    run: Coroutine[Any, Any, Any], flights: Flights, adapter: AsyncAdapter, request: Any
+) -> Any:
+    """Await ``run`` (a guarded call that may lead identical calls) in a task of its own."""
+    lead = Lead(adapter)
+    key = id(request)
+    flights.leads[key] = lead
+    try:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no asyncio loop: trio (anyio's other backend)
+            return await _on_trio(run, flights, lead)
+        return await _on_asyncio(loop, run, flights, lead)
+    finally:
+        del flights.leads[key]
+
+
+async def _on_asyncio(
+    loop: asyncio.AbstractEventLoop,
+    run: Coroutine[Any, Any, Any],
+    flights: Flights,
+    lead: Lead,
+) -> Any:
+    task = loop.create_task(lead._asyncio(run))  # noqa: SLF001 - its own helper
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():  # answered as the caller went: no one reads the answer
+            if not task.cancelled() and task.exception() is None:
+                _orphan(loop.create_task(lead._close(task.result())))  # noqa: SLF001
+        elif flights.followed(lead):
+            _orphan(task)
+        else:  # alone: cancel the call, as the caller's own cancellation would have
+            task.cancel()
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait((task,))
+            _forget(task)
+        raise
+
+
+def _orphan(task: asyncio.Task[Any]) -> None:
+    _orphans.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _orphans.discard(task)
+    if not task.cancelled():
+        task.exception()  # recorded by the call itself: retrieved, so asyncio does not log it
+
+
+async def _on_trio(run: Coroutine[Any, Any, Any], flights: Flights, lead: Lead) -> Any:
+    import trio  # noqa: PLC0415 - only on trio
+
+    lead.finished = trio.Event()
+    lead.scope = trio.CancelScope()
+    trio.lowlevel.spawn_system_task(
+        lead._trio,  # noqa: SLF001 - its own helper
+        run,
+        context=contextvars.copy_context(),
+    )
+    try:
+        await lead.finished.wait()
+    except BaseException:
+        if lead.finished.is_set():  # answered as the caller went: no one reads the answer
+            with trio.CancelScope(shield=True):
+                await lead._close(lead.result)  # noqa: SLF001
+        elif not flights.followed(lead):  # alone: cancel the call, and let it end first
+            lead.scope.cancel()
+            with trio.CancelScope(shield=True):
+                await lead.finished.wait()
+        raise
+    if lead.error is not None:
+        raise lead.error
+    return lead.result

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._call import run_async, run_sync
+from ._coalesce import detachable
 from ._context import request_context, state
 from ._transports import Flavor, flavor
 
@@ -140,7 +141,9 @@ def _async_patch(found: Flavor) -> Any:
             if rt is None:
                 return await original(self, request)
             sender = functools.partial(original, self)
-            return await run_async(guard, rt, found.adapters[False], request, sender)  # type: ignore[arg-type]
+            adapter = found.adapters[False]
+            run = run_async(guard, rt, adapter, request, sender)  # type: ignore[arg-type]
+            return await detachable(run, rt, adapter, request)
 
         return handle_async_request
 

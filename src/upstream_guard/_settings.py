@@ -204,7 +204,24 @@ class CoalesceSettings(_Group):
     max_in_flight: int = Field(
         1024,
         ge=1,
-        description="Calls tracked in flight at once; calls beyond it are not coalesced.",
+        description="Calls tracked in flight at once; calls beyond it are not coalesced. "
+        "Also bounds the hot keys kept for `detach_leaders`.",
+    )
+    detach_leaders: Literal["never", "hot", "always"] = Field(
+        default="hot",
+        description="Which async calls run in a task of their own, so that a leader whose "
+        "caller is cancelled still answers the calls waiting for it (one upstream call, not "
+        "two): `hot` token requests and GETs whose key had a follower within `hot_s`; "
+        "`always` every GET and token request (a task each: about 95k CPU instructions on "
+        "asyncio); `never`.",
+    )
+    hot_s: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="With `detach_leaders` `hot`: how long a key stays hot after a call "
+        "followed another (at most `max_in_flight` keys are remembered, the oldest dropped "
+        "first).",
     )
 
 

@@ -13,6 +13,7 @@ import types
 from typing import TYPE_CHECKING, Any, Self
 
 from ._call import run_async, run_sync
+from ._coalesce import detachable
 from ._httpx import adapters
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ class AsyncGuardedTransport:
         if rt is None:
             return await self._inner.handle_async_request(request)
         sender = self._inner.handle_async_request
-        return await run_async(self._guard, rt, self._adapter, request, sender)
+        run = run_async(self._guard, rt, self._adapter, request, sender)
+        return await detachable(run, rt, self._adapter, request)
 
     async def aclose(self) -> None:
         """Close the inner transport."""
