@@ -147,28 +147,30 @@ class AsyncAdapter(_Adapter, Protocol):
 class Exchange(GuardedCall):
     """One call: its decisions and record (``GuardedCall``), and what the twins share of it.
 
-    One object per call. Defaults live on the class: a call that keeps no copy and records
-    no span sets little.
+    One object per call. Defaults that a healthy call never reads live on the class; what
+    every call reads (``key``, ``traced``, ``crowded``, ``keyed``, ``flight``, ``token``,
+    ``span``, ``_placed``) is set in ``__init__``: CPython 3.11 reads an instance's own
+    attribute in a few instructions, a class default through a generic lookup (~200 more).
     """
 
-    key: str | None = None
+    key: str | None
     """The stale cache's key for this call, when a copy may be kept or served."""
     copying = False
     """Whether the delivered answer's body is read to keep a copy."""
-    token: Token[bool] | None = None
-    traced = False
+    token: Token[bool] | None
+    traced: bool
     """Whether the call records spans (an OpenTelemetry SDK is installed)."""
     mistake = False
     """Whether an attempt raised the caller's own mistake (passed on untouched)."""
-    # Coalescing (``_coalesce``): set only when other calls are in flight.
-    crowded = False
+    # Coalescing (``_coalesce``).
+    crowded: bool
     """Other calls to the upstream were in flight when this one began."""
-    keyed = False
+    keyed: bool
     """The call's coalescing key was worked out (it may lead identical calls)."""
     ckey: bytes | None = None
     thread = 0
     """The thread that runs the call (read when it leads)."""
-    flight: Flight | None = None
+    flight: Flight | None
     """This call's answer is awaited by identical calls (it leads them)."""
 
     def __init__(
@@ -193,18 +195,23 @@ class Exchange(GuardedCall):
         self.rt = rt
         self.deadline = deadline
         self.breaker = rt.breaker or rt.breaker_for(self.endpoint)
+        self._placed = False
         if not replayable:
             self._retryable = False
-        if rt.stale is not None:
-            self.key = self._stale_key()
+        self.key = self._stale_key() if rt.stale is not None else None
         observer = guard._telemetry  # noqa: SLF001 - the package's own
         if started >= observer.until:
             observer.refresh(started)
-        if observer.tracing:
-            self.traced = True
+        self.traced = observer.tracing
+        self.span = None
+        if self.traced:
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
             self.span = telemetry.CallSpan(self, url.host, url.port, attempt_spans=own)
+        # Before the call is registered: from then on, another thread may key it.
+        self.keyed = False
+        self.flight = None
+        self.crowded = False
         flights = rt.flights
         if flights is not None:  # alone, it only says it is in flight: no key, no lock
             calls = flights.calls
@@ -212,8 +219,8 @@ class Exchange(GuardedCall):
                 self.crowded = True
             else:
                 calls[self] = coalesce.get_ident()
-        if state.patched:  # last: nothing after it may raise and leave it set
-            self.token = guarding.set(True)
+        # Last: nothing after it may raise and leave it set.
+        self.token = guarding.set(True) if state.patched else None
 
     # CallRecord's fields, worked out when first read: a plain call never needs them.
     @cached_property
