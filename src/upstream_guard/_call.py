@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 
 _SUCCESS = Outcome.SUCCESS
+# Bound once. A method called on an imported name (``HEALTHY.get(status)``) is looked up
+# by CPython 3.11 without specialization, a new method object on every call.
+_healthy = HEALTHY.get
+"""The shared result of a healthy status (None for any other)."""
+_current_context = request_context.get
+"""The inbound request being served, if any."""
 
 
 class _Adapter(Protocol):
@@ -185,7 +191,7 @@ class Exchange(GuardedCall):
         self.guard = guard
         self.adapter = adapter
         self.request = request
-        self.ctx = ctx = request_context.get()
+        self.ctx = ctx = _current_context()
         started = rt.clock.monotonic()
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
@@ -376,7 +382,7 @@ def run_sync(  # noqa: C901, PLR0912, PLR0915 - one call's steps read best in on
             except adapter.attempt_errors as exc:
                 response, result = None, x.failed(exc)
             else:
-                result = HEALTHY.get(status) or x.answered(response, status, body)
+                result = _healthy(status) or x.answered(response, status, body)
             if span is not None:
                 telemetry.CallSpan.attempt_done(span, result.status, result.error)
             step = x.after(result)
@@ -433,7 +439,7 @@ async def run_async(  # noqa: C901, PLR0912, PLR0915 - one call's steps read bes
             except adapter.attempt_errors as exc:
                 response, result = None, x.failed(exc)
             else:
-                result = HEALTHY.get(status) or x.answered(response, status, body)
+                result = _healthy(status) or x.answered(response, status, body)
             if span is not None:
                 telemetry.CallSpan.attempt_done(span, result.status, result.error)
             step = x.after(result)
