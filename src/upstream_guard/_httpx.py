@@ -25,6 +25,18 @@ if TYPE_CHECKING:
 _PHASES = ("connect", "read", "write", "pool")
 
 
+def _bound(request: Any, seconds: float) -> None:
+    """Cap the request's timeouts at ``seconds``, where a phase may take longer (or has none).
+
+    A retry's cap is never longer than the attempt's before it, so capping what an earlier
+    attempt capped comes to the same. Both adapters' ``send`` first check, inline (a frame
+    less per attempt), for the usual case: no phase longer than the attempt.
+    """
+    base = request.extensions.get("timeout") or dict.fromkeys(_PHASES)
+    capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
+    request.extensions = {**request.extensions, "timeout": capped}
+
+
 class _Adapter:
     # One per transport (or per module, for instrumented ones): it keeps no call's state.
     __slots__ = ()
@@ -35,20 +47,6 @@ class _Adapter:
     instrumentation: str | None
     body: Callable[[Any, BodyWatch], Any]  # the watched stream's class
     resumed: Callable[[list[bytes], Any, Any], Any]  # read chunks, then the rest of a stream
-
-    @staticmethod
-    def _bound(request: Any, seconds: float) -> None:
-        # Cap the request's timeouts at ``seconds``. A retry's cap is never longer than the
-        # attempt's before it, so capping what an earlier attempt capped comes to the same.
-        base = request.extensions.get("timeout")
-        try:
-            if base and max(base.values()) <= seconds:
-                return  # the usual case: no phase may take longer than the attempt
-        except TypeError:  # a phase without a limit (None)
-            pass
-        base = base or dict.fromkeys(_PHASES)
-        capped = {k: seconds if v is None or v > seconds else v for k, v in base.items()}
-        request.extensions = {**request.extensions, "timeout": capped}
 
     # attrgetters: read without a Python frame of their own (not descriptors: never bound)
     location = attrgetter("url")
@@ -126,7 +124,12 @@ class _Async(_Adapter):
         await request.aread()
 
     def send(self, request: Any, timeout_s: float, sender: Any) -> Awaitable[Any]:
-        self._bound(request, timeout_s)
+        try:
+            within = max(request.extensions["timeout"].values()) <= timeout_s
+        except (KeyError, TypeError, ValueError):  # none set, or a phase without a limit
+            within = False
+        if not within:
+            _bound(request, timeout_s)
         return self._scoped(request, timeout_s, sender) if self._cancel_scope else sender(request)
 
     async def _scoped(self, request: Any, timeout_s: float, sender: Any) -> Any:
@@ -179,7 +182,12 @@ class _Sync(_Adapter):
         request.read()
 
     def send(self, request: Any, timeout_s: float, sender: Any) -> Any:
-        self._bound(request, timeout_s)
+        try:
+            within = max(request.extensions["timeout"].values()) <= timeout_s
+        except (KeyError, TypeError, ValueError):  # none set, or a phase without a limit
+            within = False
+        if not within:
+            _bound(request, timeout_s)
         return sender(request)
 
     def read_failure(self, response: Any) -> bytes:
