@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from ._breaker import CLOSED, HALF_OPEN, ISOLATED, OPEN, Breaker, Permit, StateHook
 from ._bulkhead import Bulkhead
@@ -44,6 +44,7 @@ class Attempt:
     timeout_s: float
 
 
+@final  # the runners tell it by ``type(step) is Wait``
 @dataclass(frozen=True, slots=True)
 class Wait:
     """Sleep before going on.
