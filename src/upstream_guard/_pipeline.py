@@ -315,7 +315,7 @@ class GuardedCall(CallRecord):
                 error = BulkheadFullError(message, upstream=rt.name, reason="bulkhead_full")
                 raise self._refused(error)
             self._placed = True
-        rt.budget.deposit()
+        rt.budget.calls += 1  # it earns a share of a retry
         permit = self.breaker.admit(now)
         if permit is None:
             raise self._refusal()  # which records the breaker's state
