@@ -43,6 +43,7 @@ _healthy = HEALTHY.get
 """The shared result of a healthy status (None for any other)."""
 _current_context = request_context.get
 """The inbound request being served, if any."""
+_guarding_set, _guarding_reset = guarding.set, guarding.reset
 
 
 class _Adapter(Protocol):
@@ -226,7 +227,7 @@ class Exchange(GuardedCall):
             else:
                 calls[self] = coalesce.get_ident()
         # Last: nothing after it may raise and leave it set.
-        self.token = guarding.set(True) if state.patched else None
+        self.token = _guarding_set(True) if state.patched else None
 
     # CallRecord's fields, worked out when first read: a plain call never needs them.
     @cached_property
@@ -334,7 +335,7 @@ class Exchange(GuardedCall):
             if self.keyed:  # read after the pop: see ``Flights._key_unkeyed``
                 flights.leave(self)
         if self.token is not None:
-            guarding.reset(self.token)
+            _guarding_reset(self.token)
         if self.span is not None:
             self.span.end()
         if self.ctx is not None:
