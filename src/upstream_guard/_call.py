@@ -193,7 +193,8 @@ class Exchange(GuardedCall):
         self.adapter = adapter
         self.request = request
         self.ctx = ctx = _current_context()
-        started = rt.clock.monotonic()
+        read = rt.monotonic
+        started = read()
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
             deadline = ctx.deadline

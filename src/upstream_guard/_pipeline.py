@@ -138,6 +138,9 @@ class UpstreamRuntime:
         self.name = name
         self.settings = settings
         self.clock = clock
+        self.monotonic = clock.monotonic
+        """The clock's reading, for the hot path: ``read = rt.monotonic; read()`` is two
+        specialized steps on CPython 3.11, where ``rt.clock.monotonic()`` is a generic lookup."""
         self.rng = rng
         """Jitter for backoffs (the guard's: tests seed it)."""
         self.matcher = TemplateMatcher(settings.templates)
@@ -336,7 +339,8 @@ class GuardedCall(CallRecord):
         self.permit = None
         status = result.status
         if status is not None and status < 400:  # the hot path: a healthy answer
-            now = self.rt.clock.monotonic()
+            read = self.rt.monotonic
+            now = read()
             permit.breaker.record_success(permit, now)
             self.status = status
             self.outcome = _SUCCESS
