@@ -39,9 +39,13 @@ def _bound(request: Any, seconds: float) -> None:
 
 class _Adapter:
     # One per transport (or per module, for instrumented ones): it keeps no call's state.
-    __slots__ = ()
+    __slots__ = ("byte_stream",)
     module: Any  # httpx or httpx2, set per flavour
     byte_stream: type[Any]  # its ByteStream: a body that can be sent again as it is
+
+    def __init__(self) -> None:
+        # Read on every call: a slot (a class attribute is a generic lookup on CPython 3.11).
+        self.byte_stream = self.module.ByteStream
     base_error: type[Exception]
     attempt_errors: tuple[type[BaseException], ...]
     instrumentation: str | None
@@ -118,6 +122,7 @@ class _Async(_Adapter):
     __slots__ = ("_cancel_scope",)
 
     def __init__(self, *, cancel_scope: bool) -> None:
+        super().__init__()
         self._cancel_scope = cancel_scope
 
     async def buffer(self, request: Any) -> None:
@@ -261,7 +266,6 @@ def adapters(module: types.ModuleType) -> tuple[type[Any], type[Any]]:
     """The (async, sync) adapter classes of one httpx-like module."""
     names = {
         "module": module,
-        "byte_stream": module.ByteStream,
         "base_error": module.TransportError,
     }
     names["__slots__"] = ()
