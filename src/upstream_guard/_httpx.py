@@ -42,15 +42,15 @@ class _Adapter:
     __slots__ = ("byte_stream",)
     module: Any  # httpx or httpx2, set per flavour
     byte_stream: type[Any]  # its ByteStream: a body that can be sent again as it is
-
-    def __init__(self) -> None:
-        # Read on every call: a slot (a class attribute is a generic lookup on CPython 3.11).
-        self.byte_stream = self.module.ByteStream
     base_error: type[Exception]
     attempt_errors: tuple[type[BaseException], ...]
     instrumentation: str | None
     body: Callable[[Any, BodyWatch], Any]  # the watched stream's class
     resumed: Callable[[list[bytes], Any, Any], Any]  # read chunks, then the rest of a stream
+
+    def __init__(self) -> None:
+        # Read on every call: a slot (a class attribute is a generic lookup on CPython 3.11).
+        self.byte_stream = self.module.ByteStream
 
     # attrgetters: read without a Python frame of their own (not descriptors: never bound)
     location = attrgetter("url")
