@@ -47,16 +47,30 @@ def _succeed() -> None:
 
 
 class Permit:
-    """One admitted attempt; give it back with ``Breaker.record`` or ``Breaker.release``."""
+    """One admitted attempt; give it back with ``Breaker.record`` or ``Breaker.release``.
+
+    Made by ``Breaker.admit`` (``_permit``). No ``__init__``: on CPython 3.11 a class whose
+    ``__init__`` is Python costs twice as much to make, and a closed breaker makes one per
+    call (``admit`` fills it in place).
+    """
 
     __slots__ = ("breaker", "done", "generation", "probe", "started")
+    breaker: Breaker
+    generation: int
+    """The breaker's generation when it was admitted: a later one makes the result stale."""
+    probe: bool
+    """A half-open probe (it holds one of the probe slots)."""
+    started: float
+    done: bool
+    """Recorded or released: it counts once."""
 
-    def __init__(self, breaker: Breaker, generation: int, probe: bool, started: float) -> None:
-        self.breaker = breaker
-        self.generation = generation
-        self.probe = probe
-        self.started = started
-        self.done = False
+
+def _permit(breaker: Breaker, generation: int, *, probe: bool, started: float) -> Permit:
+    """A new permit, not done."""
+    permit = Permit()
+    permit.breaker, permit.generation, permit.started = breaker, generation, started
+    permit.probe, permit.done = probe, False
+    return permit
 
 
 class _Window:
@@ -198,8 +212,11 @@ class Breaker:
         if now is None:
             now = self._clock.monotonic()
         generation = self.generation  # before the state: a transition in between makes it stale
-        if self.current == CLOSED:  # the hot path: no lock, no pybreaker
-            return Permit(self, generation, False, now)
+        if self.current == CLOSED:  # the hot path: no lock, no pybreaker, ``_permit`` inline
+            permit = Permit()
+            permit.breaker, permit.generation, permit.started = self, generation, now
+            permit.probe = permit.done = False
+            return permit
         if (
             self.current == OPEN and now < self._opened_at + self.settings.reset_timeout_s
         ) or self.current == ISOLATED:
@@ -210,13 +227,13 @@ class Breaker:
                     return None
                 self._cb.half_open()
             if self.current == CLOSED:  # closed by a probe that just finished
-                return Permit(self, self.generation, False, now)
+                return _permit(self, self.generation, probe=False, started=now)
             if self._probes >= self.probe_allowance:
                 # Remembered a while: the lease this asks for arrives with a later sync.
                 self._demand_until = now + 1.0
                 return None
             self._probes += 1
-            return Permit(self, self.generation, True, now)
+            return _permit(self, self.generation, probe=True, started=now)
 
     def release(self, permit: Permit) -> None:
         """Give back a permit whose call was cancelled: neither success nor failure."""

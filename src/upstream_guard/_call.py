@@ -37,6 +37,13 @@ if TYPE_CHECKING:
 
 
 _SUCCESS = Outcome.SUCCESS
+# Bound once. A method called on an imported name (``HEALTHY.get(status)``) is looked up
+# by CPython 3.11 without specialization, a new method object on every call.
+_healthy = HEALTHY.get
+"""The shared result of a healthy status (None for any other)."""
+_current_context = request_context.get
+"""The inbound request being served, if any."""
+_guarding_set, _guarding_reset = guarding.set, guarding.reset
 
 
 class _Adapter(Protocol):
@@ -147,28 +154,30 @@ class AsyncAdapter(_Adapter, Protocol):
 class Exchange(GuardedCall):
     """One call: its decisions and record (``GuardedCall``), and what the twins share of it.
 
-    One object per call. Defaults live on the class: a call that keeps no copy and records
-    no span sets little.
+    One object per call. Defaults that a healthy call never reads live on the class; what
+    every call reads (``key``, ``traced``, ``crowded``, ``keyed``, ``flight``, ``token``,
+    ``span``, ``_placed``) is set in ``__init__``: CPython 3.11 reads an instance's own
+    attribute in a few instructions, a class default through a generic lookup (~200 more).
     """
 
-    key: str | None = None
+    key: str | None
     """The stale cache's key for this call, when a copy may be kept or served."""
     copying = False
     """Whether the delivered answer's body is read to keep a copy."""
-    token: Token[bool] | None = None
-    traced = False
+    token: Token[bool] | None
+    traced: bool
     """Whether the call records spans (an OpenTelemetry SDK is installed)."""
     mistake = False
     """Whether an attempt raised the caller's own mistake (passed on untouched)."""
-    # Coalescing (``_coalesce``): set only when other calls are in flight.
-    crowded = False
+    # Coalescing (``_coalesce``).
+    crowded: bool
     """Other calls to the upstream were in flight when this one began."""
-    keyed = False
+    keyed: bool
     """The call's coalescing key was worked out (it may lead identical calls)."""
     ckey: bytes | None = None
     thread = 0
     """The thread that runs the call (read when it leads)."""
-    flight: Flight | None = None
+    flight: Flight | None
     """This call's answer is awaited by identical calls (it leads them)."""
 
     def __init__(
@@ -183,8 +192,9 @@ class Exchange(GuardedCall):
         self.guard = guard
         self.adapter = adapter
         self.request = request
-        self.ctx = ctx = request_context.get()
-        started = rt.clock.monotonic()
+        self.ctx = ctx = _current_context()
+        read = rt.monotonic
+        started = read()
         deadline = started + rt.total_s
         if ctx is not None and ctx.deadline is not None and ctx.deadline < deadline:
             deadline = ctx.deadline
@@ -193,18 +203,23 @@ class Exchange(GuardedCall):
         self.rt = rt
         self.deadline = deadline
         self.breaker = rt.breaker or rt.breaker_for(self.endpoint)
+        self._placed = False
         if not replayable:
             self._retryable = False
-        if rt.stale is not None:
-            self.key = self._stale_key()
+        self.key = self._stale_key() if rt.stale is not None else None
         observer = guard._telemetry  # noqa: SLF001 - the package's own
         if started >= observer.until:
             observer.refresh(started)
-        if observer.tracing:
-            self.traced = True
+        self.traced = observer.tracing
+        self.span = None
+        if self.traced:
             url = adapter.location(request)
             own = not telemetry.official_instrumentation(adapter.instrumentation)
             self.span = telemetry.CallSpan(self, url.host, url.port, attempt_spans=own)
+        # Before the call is registered: from then on, another thread may key it.
+        self.keyed = False
+        self.flight = None
+        self.crowded = False
         flights = rt.flights
         if flights is not None:  # alone, it only says it is in flight: no key, no lock
             calls = flights.calls
@@ -212,8 +227,8 @@ class Exchange(GuardedCall):
                 self.crowded = True
             else:
                 calls[self] = coalesce.get_ident()
-        if state.patched:  # last: nothing after it may raise and leave it set
-            self.token = guarding.set(True)
+        # Last: nothing after it may raise and leave it set.
+        self.token = _guarding_set(True) if state.patched else None
 
     # CallRecord's fields, worked out when first read: a plain call never needs them.
     @cached_property
@@ -321,7 +336,7 @@ class Exchange(GuardedCall):
             if self.keyed:  # read after the pop: see ``Flights._key_unkeyed``
                 flights.leave(self)
         if self.token is not None:
-            guarding.reset(self.token)
+            _guarding_reset(self.token)
         if self.span is not None:
             self.span.end()
         if self.ctx is not None:
@@ -353,7 +368,7 @@ def run_sync(  # noqa: C901, PLR0912, PLR0915 - one call's steps read best in on
             sender = hedge.sync_sender(x, sender)
         step: Attempt | Wait | None = x.begin()
         while step is not None:
-            if isinstance(step, Wait):
+            if type(step) is Wait:  # not isinstance: an Attempt would cost it a lookup
                 if step.reserve_within_s is not None:
                     step = x.reserved(*rt.pace.reserve_sync(step.reserve_within_s))
                 rt.clock.sleep_sync(step.seconds)
@@ -369,7 +384,7 @@ def run_sync(  # noqa: C901, PLR0912, PLR0915 - one call's steps read best in on
             except adapter.attempt_errors as exc:
                 response, result = None, x.failed(exc)
             else:
-                result = HEALTHY.get(status) or x.answered(response, status, body)
+                result = _healthy(status) or x.answered(response, status, body)
             if span is not None:
                 telemetry.CallSpan.attempt_done(span, result.status, result.error)
             step = x.after(result)
@@ -410,7 +425,7 @@ async def run_async(  # noqa: C901, PLR0912, PLR0915 - one call's steps read bes
             sender = hedge.async_sender(x, sender)
         step: Attempt | Wait | None = x.begin()
         while step is not None:
-            if isinstance(step, Wait):
+            if type(step) is Wait:  # not isinstance: an Attempt would cost it a lookup
                 if step.reserve_within_s is not None:
                     step = x.reserved(*await rt.pace.reserve(step.reserve_within_s))
                 await rt.clock.sleep(step.seconds)
@@ -426,7 +441,7 @@ async def run_async(  # noqa: C901, PLR0912, PLR0915 - one call's steps read bes
             except adapter.attempt_errors as exc:
                 response, result = None, x.failed(exc)
             else:
-                result = HEALTHY.get(status) or x.answered(response, status, body)
+                result = _healthy(status) or x.answered(response, status, body)
             if span is not None:
                 telemetry.CallSpan.attempt_done(span, result.status, result.error)
             step = x.after(result)

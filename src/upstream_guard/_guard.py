@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 BreakerState = Literal["closed", "open", "half-open", "isolated"]
 _STATE_RANK = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2, ISOLATED: 3}
+_guarding = guarding.get  # bound once: 3.11 would look ``guarding.get`` up on every call
 
 
 class Guard:
@@ -87,7 +88,7 @@ class Guard:
         a call made while a guard already drives one (an instrumented transport under a
         guarded one), or to a host no upstream names, passes.
         """
-        if state.patched and guarding.get():  # only patched clients set it
+        if state.patched and _guarding():  # only patched clients set it
             return None
         found = self._hosts.get(url.host)
         if found is None:

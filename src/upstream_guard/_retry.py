@@ -19,7 +19,7 @@ class RetryBudget:
     A sick upstream then sees at most about ``1 + ratio`` times its normal request rate.
     """
 
-    __slots__ = ("_cap", "_last", "_lock", "_min_per_s", "_ratio", "_tokens")
+    __slots__ = ("_cap", "_counted", "_last", "_lock", "_min_per_s", "_ratio", "_tokens", "calls")
 
     def __init__(self, ratio: float, min_per_s: float, now: float) -> None:
         """Start full, so the first failures of a quiet app can still be retried."""
@@ -29,16 +29,24 @@ class RetryBudget:
         self._tokens = self._cap
         self._last = now
         self._lock = threading.Lock()
+        self.calls = 0
+        """Calls started: ``GuardedCall.begin`` counts each in place (no call, no lock: one
+        lost to a thread race costs a fifth of a retry). Each earns ``ratio`` of a retry,
+        paid into the bucket when it is next read."""
+        self._counted = 0
 
-    def deposit(self) -> None:
-        """A call started: it earns ``ratio`` of a retry."""
-        # No lock on the hot path: a deposit lost to a thread race costs a fifth of a retry.
-        tokens = self._tokens + self._ratio
-        self._tokens = tokens if tokens < self._cap else self._cap  # noqa: FURB136 - no call
+    def _earn(self) -> None:
+        # Under the lock. Capping once what calls earned since the last read comes to the
+        # same as capping at each call: nothing was taken out in between.
+        calls = self.calls
+        if calls != self._counted:
+            self._tokens = min(self._cap, self._tokens + (calls - self._counted) * self._ratio)
+            self._counted = calls
 
     def try_withdraw(self, now: float) -> bool:
         """Spend one retry if the bucket has one."""
         with self._lock:
+            self._earn()
             elapsed = now - self._last
             if elapsed > 0:
                 self._tokens = min(self._cap, self._tokens + elapsed * self._min_per_s)
@@ -51,7 +59,9 @@ class RetryBudget:
     @property
     def tokens(self) -> float:
         """Retries currently in the bucket."""
-        return self._tokens
+        with self._lock:
+            self._earn()
+            return self._tokens
 
 
 @dataclass(frozen=True, slots=True)
