@@ -181,6 +181,36 @@ async def test_ten_identities_make_ten_calls_and_never_see_each_other(herd, herd
         assert body["language"] == headers.get("Accept-Language", "")
 
 
+@pytest.mark.parametrize("kind", ["httpx", "httpx_sync", "requests"])
+async def test_header_names_and_order_do_not_split_a_key_but_values_do(herd, herd_url, clock, kind):
+    """Same identity in other header case and order: one call; another language: its own."""
+    guard = Guard(make_settings(herd_url), clock=clock)
+    get = client_get(kind, guard)
+    token = AUTH["Authorization"]
+    same = [
+        {"Authorization": token, "Accept-Language": "sv-SE", "Accept": "application/json"},
+        {"accept": "application/json", "ACCEPT-LANGUAGE": "sv-SE", "authorization": token},
+    ]
+    other = {**same[0], "Accept-Language": "en-GB"}
+    asked: list[tuple[str, Any]] = []
+
+    async def ask(headers: dict[str, str]) -> None:
+        language = next(v for k, v in headers.items() if k.lower() == "accept-language")
+        asked.append((language, await get(herd_url + PLAYLIST, headers=headers)))
+
+    herd.hold()
+    async with anyio.create_task_group() as tg:
+        for headers in [*same * 3, other, other]:
+            tg.start_soon(ask, headers)
+        await until(lambda: herd.total == 2 and waiting(guard) == 6)
+        herd.release()
+    assert herd.total == 2
+    assert sorted(language for language, _ in asked) == ["en-GB"] * 2 + ["sv-SE"] * 6
+    for language, response in asked:
+        assert response.status_code == 200
+        assert response.json()["language"] == language
+
+
 async def test_a_follower_stops_at_its_own_deadline_and_the_leader_goes_on(herd, herd_url, clock):
     """A follower with a shorter deadline gives up at it (a 503 inbound); the leader answers."""
     hostport = herd_url.split("://", 1)[1]

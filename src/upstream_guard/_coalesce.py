@@ -58,7 +58,9 @@ if TYPE_CHECKING:
 
 TOKEN_PATH = "/api/token"  # noqa: S105 - a path, not a secret
 """The OAuth token endpoint: its POSTs (refreshes, client credentials) may coalesce."""
-_VARY = ("authorization", "cookie", "accept", "accept-language")
+_VARY = {"authorization": 2, "cookie": 3, "accept": 4, "accept-language": 5}
+"""The request headers that vary an answer (identity and content negotiation): where each
+goes in a key's parts, after the method and the URL."""
 get_ident = threading.get_ident
 
 
@@ -81,12 +83,15 @@ def request_key(adapter: _Adapter, request: Any, flights: Flights) -> bytes | No
         body = content
     else:
         return None
-    digest = hashlib.sha256(method.encode())
-    for part in (str(adapter.location(request)), *(adapter.header(request, h) for h in _VARY)):
-        digest.update(b"\0" + (part or "").encode("utf-8", "surrogateescape"))
-    digest.update(b"\0")
-    digest.update(body)
-    return digest.digest()
+    parts = [method, str(adapter.location(request)), "", "", "", ""]
+    # One pass over the headers: a client's lookup by name (httpx's ``Headers.get``) scans
+    # them all each time, and misses (no Cookie, no Accept-Language) are the common case.
+    for name, value in adapter.headers(request).items():
+        at = _VARY.get(name.lower())
+        if at is not None:  # a repeated header: joined, as a lookup by name would give it
+            parts[at] = f"{parts[at]}, {value}" if parts[at] else value
+    text = "\0".join(parts).encode("utf-8", "surrogateescape")
+    return hashlib.sha256(b"%s\0%s" % (text, body)).digest()
 
 
 class Flight:
