@@ -15,6 +15,7 @@ from conftest import make_settings
 from test_transport import caller, track
 from upstream_guard import (
     CallEvent,
+    CircuitOpenError,
     Guard,
     GuardSettings,
     PaceSettings,
@@ -137,6 +138,30 @@ async def test_wait_beyond_max_wait_is_refused_as_paced(kind, sim, sim_url, cloc
     assert (await call("GET", track(sim_url, 2))).status_code == 200
     assert clock.slept == pytest.approx([0.4])
     assert guard.snapshot()["upstreams"]["spotify_api"]["pace"]["refused"] == 1
+
+
+async def test_an_open_breaker_refuses_before_the_pace(kind, sim, sim_url, clock):
+    """Refused calls neither wait for a slot nor use one up: the probe goes at its own slot."""
+    settings = make_settings(
+        sim_url,
+        pace={"requests_per_s": 1, "burst": 1, "max_wait_s": 5},
+        breaker={"fail_max": 1, "reset_timeout_s": 10},
+        retry={"attempts": 1},
+    )
+    guard = Guard(settings, clock=clock)
+    call = caller(kind, guard)
+    sim.set_fault(Fault.no_healthy_upstream())
+    assert (await call("GET", track(sim_url, 0))).status_code == 503
+    assert guard.state("spotify_api") == "open"
+    for i in range(5):
+        with pytest.raises(CircuitOpenError):
+            await call("GET", track(sim_url, i))
+    assert clock.slept == []  # refused at once, no slot waited for
+    sim.set_fault(Fault.healthy())
+    clock.advance(10)  # past the reset timeout: the next call probes
+    assert (await call("GET", track(sim_url, 9))).status_code == 200
+    assert clock.slept == []  # its slot was free: the refusals took none
+    assert sim.total_hits == 2
 
 
 async def test_the_deadline_bounds_the_wait(kind, sim, sim_url, clock):

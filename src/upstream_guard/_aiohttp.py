@@ -246,9 +246,7 @@ class Adapter:
         length = response.headers.get("Content-Length", "")
         if not length.isdigit() or int(length) > limit:
             return None
-        body = await response.read()
-        response.content = _replay(body)
-        return body
+        return await Adapter.read_failure(response)
 
     @staticmethod
     def content(request: Request) -> bytes | None:

@@ -217,9 +217,7 @@ class Breaker:
             permit.breaker, permit.generation, permit.started = self, generation, now
             permit.probe = permit.done = False
             return permit
-        if (
-            self.current == OPEN and now < self._opened_at + self.settings.reset_timeout_s
-        ) or self.current == ISOLATED:
+        if self.refuses(now):
             return None  # a refusal needs no lock either: nothing changes
         with self._lock:
             if self.current == OPEN:
@@ -234,6 +232,13 @@ class Breaker:
                 return None
             self._probes += 1
             return _permit(self, self.generation, probe=True, started=now)
+
+    def refuses(self, now: float) -> bool:
+        """Whether a call at ``now`` is refused outright: isolated, or open within its timeout."""
+        current = self.current
+        return current == ISOLATED or (
+            current == OPEN and now < self._opened_at + self.settings.reset_timeout_s
+        )
 
     def release(self, permit: Permit) -> None:
         """Give back a permit whose call was cancelled: neither success nor failure."""

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fault",
         default="healthy",
         help="healthy, no_healthy_upstream, json_5xx[:status], rate_limited[:seconds], "
-        "slow:seconds, hang, flapping:rate, status:code (default healthy)",
+        "rolling_window:calls/seconds, slow:seconds, hang, flapping:rate, status:code "
+        "(default healthy)",
     )
     simulate.add_argument(
         "--prefix", default="", help="apply the fault to this path prefix only (e.g. /v1/tracks)"
@@ -205,14 +206,14 @@ def _health_row(name: str, u: dict[str, Any]) -> dict[str, str]:
         "retry after": _seconds(u.get("retry_after_s")),
         "cooldown": _seconds(u.get("cooldown_s")),
     }
-    if "pace" in u:  # only once the app paces its calls
+    if "pace" in u:  # an app of a version without pacing reports none
         row["pace"] = _pace(u["pace"])
     return row
 
 
 def _fleet_row(name: str, u: dict[str, Any]) -> dict[str, str]:
     workers = u["workers"]
-    row = {
+    return {
         "upstream": name,
         "state": u["state"],
         "isolated": f"for {u['isolated_for_s']:.0f}s" if u["isolated"] else "no",
@@ -222,9 +223,6 @@ def _fleet_row(name: str, u: dict[str, Any]) -> dict[str, str]:
         "workers": str(len(workers)),
         "last sync": f"{workers[0]['last_seen_s']:.1f}s ago" if workers else "-",
     }
-    if "pace" in u:
-        row["pace"] = _pace(u["pace"])
-    return row
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
@@ -262,29 +260,14 @@ def _control(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 @contextlib.contextmanager
 def _redis_client(url: str, timeout: float) -> Iterator[Any]:
+    from ._redis import connect_sync  # noqa: PLC0415
+
     try:
-        import redis  # noqa: PLC0415 - optional dependency
-    except ImportError:
+        client = connect_sync(url, timeout)
+    except ImportError:  # redis is an optional dependency
         raise CommandError(
             "--redis needs the redis package: pip install 'upstream-guard[redis]'"
         ) from None
-    from ._redis import CLUSTER_SCHEMES  # noqa: PLC0415
-
-    scheme, _, rest = url.partition("://")
-    client: Any
-    try:
-        if scheme.lower() in CLUSTER_SCHEMES:  # redis+cluster://: the guard's cluster URLs
-            from redis.cluster import RedisCluster  # noqa: PLC0415
-
-            client = RedisCluster.from_url(
-                f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-            )
-        else:
-            client = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
     except ValueError as exc:
         raise CommandError(f"not a Redis URL: {_safe(url)} ({exc})") from None
     try:
@@ -312,8 +295,7 @@ def _safe(url: str) -> str:
 
 
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import socket  # noqa: PLC0415
-
+    from ._loopback import listening_socket  # noqa: PLC0415
     from ._simulator import Fault, SpotifySimulator  # noqa: PLC0415
 
     try:
@@ -328,16 +310,10 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ) from None
     sim = SpotifySimulator(control_path=CONTROL_PATH)
     sim.set_fault(fault, args.prefix)
-    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on each connection (see _loopback).
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock = listening_socket(args.host, args.port)
     except OSError as exc:
-        sock.close()
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    sock.listen(512)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     base = f"http://{host}:{port}"

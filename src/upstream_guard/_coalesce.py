@@ -155,7 +155,6 @@ class Flights:
         "hot_urls",
         "leaders",
         "leads",
-        "max_body",
         "max_in_flight",
         "token_requests",
     )
@@ -164,7 +163,6 @@ class Flights:
         """Empty, for these settings."""
         self.gets = settings.gets
         self.token_requests = settings.token_requests
-        self.max_body = settings.max_body_bytes
         self.max_in_flight = settings.max_in_flight
         self.calls: dict[Exchange, int] = {}
         """Calls in flight not keyed yet, with their threads (the hot path adds here)."""
@@ -289,13 +287,6 @@ class Flights:
         with self._lock:
             self._cool(self.hot, now)
             return hash(key) in self.hot and key not in self.leaders
-
-    def may_lead(self, adapter: AsyncAdapter, request: Any) -> bool:
-        """Whether a call of ``request`` may lead identical calls (what ``coalesce_key`` keys)."""
-        method = adapter.method(request)
-        if method == "GET":
-            return self.gets
-        return self.token_requests and method == "POST" and adapter.path(request) == TOKEN_PATH
 
     def followed(self, lead: Lead) -> bool:
         """The caller of ``lead`` went away: whether followers still wait for its answer."""
@@ -509,17 +500,16 @@ def detachable(
     if flights is None:
         return run
     detach = flights.detach
-    if detach == "hot":
-        method = adapter.method(request)
-        if method == "GET":
-            if not flights.hot_urls or not flights.is_hot(adapter, request, rt.clock.monotonic()):
-                return run
-        elif not (
-            method == "POST" and flights.token_requests and adapter.path(request) == TOKEN_PATH
+    if detach == "never":
+        return run
+    method = adapter.method(request)
+    if method == "GET":
+        if not flights.gets or (
+            detach == "hot"
+            and (not flights.hot_urls or not flights.is_hot(adapter, request, rt.clock.monotonic()))
         ):
             return run
-        return run_detached(run, flights, adapter, request)
-    if detach == "never" or not flights.may_lead(adapter, request):
+    elif not (method == "POST" and flights.token_requests and adapter.path(request) == TOKEN_PATH):
         return run
     return run_detached(run, flights, adapter, request)
 

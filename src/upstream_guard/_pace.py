@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ._clock import Clock
+from ._redis import upstream_key
 from ._settings import PaceSettings
 
 if TYPE_CHECKING:
@@ -401,17 +402,14 @@ class SharedPace:
         self.ok = True
         """Redis answered last time (set again by the background sync when it comes back)."""
 
-    def key(self, name: str) -> str:
-        """The upstream's GCRA key; ``{prefix:NAME}`` keeps its keys in one cluster slot."""
-        return f"{{{self._prefix}:{name}}}:pace"
-
     def take(self, pace: Pace, now: float, limit_s: float) -> tuple[bool, float] | None:
         """One round trip; None if Redis failed (then pace locally until it is back)."""
         args = pace.shared_args(now, limit_s)
         if args is None:
             return True, 0.0
         try:
-            granted, wait_us = self._script(keys=[self.key(pace.name)], args=list(args))
+            key = upstream_key(self._prefix, pace.name, "pace")
+            granted, wait_us = self._script(keys=[key], args=list(args))
         except Exception as exc:  # noqa: BLE001 - any Redis trouble: pace locally, lose nothing
             if self.ok:
                 log.warning(
@@ -438,6 +436,10 @@ def attach(guard: Guard, url: str, prefix: str, timeout_s: float) -> SharedPace:
     return shared
 
 
+_SYNC_KEYS = ("learned", "pace_workers", "pace_meter")
+"""An upstream's keys ``SYNC_PACE_SCRIPT`` takes, in its order."""
+
+
 async def sync_paces(
     guard: Guard, client: Any, *, prefix: str, worker: str, ttl_ms: int, cluster: bool = False
 ) -> None:
@@ -458,13 +460,12 @@ async def sync_paces(
             news = pace.news
             pace.news = False
             sent.append(news)
-            key = f"{{{prefix}:{pace.name}}}"
             age_ms = int(max(0.0, now - pace.learned_at) * 1000) if news else 0
             calm_ms = int(pace.calm_s * 1000)
             hold_ms = int(pace.hold_s * 1000)
             own = f"{pace.own_rate(now):.6f}"
             args = [worker, ttl_ms, int(news), pace.learned or 0.0, age_ms, calm_ms, hold_ms, own]
-            keys = [f"{key}:learned", f"{key}:pace_workers", f"{key}:pace_meter"]
+            keys = [upstream_key(prefix, pace.name, k) for k in _SYNC_KEYS]
             if pipe is None:  # a cluster: this upstream's slot, now
                 answered.append(await script(keys=keys, args=args))
             else:  # queued: one round trip for all

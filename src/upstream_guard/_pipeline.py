@@ -295,9 +295,12 @@ class GuardedCall(CallRecord):
         rt = self.rt
         if now is None:
             now = self.started
+        pace = rt.pace
+        # A breaker that refuses does so before any wait: a refused call neither waits out a
+        # cooldown nor takes a pace slot that a call it lets through would need.
+        if (rt.cooldown.until > now or pace.active) and self.breaker.refuses(now):
+            raise self._refusal()
         if rt.cooldown.until > now:
-            if self.breaker.current == ISOLATED:  # isolation first: it outlasts any cooldown
-                raise self._refusal()
             now = rt.clock.monotonic()
             left = rt.cooldown.until - now
             if left > 0:
@@ -307,7 +310,6 @@ class GuardedCall(CallRecord):
                 # or every call held by it would go at once when it ends.
                 self._slotted = False
                 return Wait(left)
-        pace = rt.pace
         if pace.active:
             wait = self._pace(now)
             if wait is not None:
@@ -410,12 +412,9 @@ class GuardedCall(CallRecord):
         if pace.shared is not None and pace.shared.ok:
             return Wait(0.0, reserve_within_s=limit)  # the runner asks Redis
         granted, wait = pace.take(now, limit)
-        if not granted:
-            raise self._refused(_paced(self.rt, wait))
-        if wait <= 0:
+        if granted and wait <= 0:
             return None
-        self.pace_wait_s = wait
-        return Wait(wait)
+        return self.reserved(granted, wait)
 
     def _refused(self, error: UpstreamUnavailable) -> UpstreamUnavailable:
         """Record that the call was refused before reaching the upstream; return the error."""

@@ -176,7 +176,14 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 def is_cluster_url(url: str) -> bool:
     """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
-    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+    return _cluster_url(url) is not None
+
+
+def _cluster_url(url: str) -> str | None:
+    """A cluster URL as redis-py's parser takes it (``redis://...``); None: not a cluster."""
+    scheme, _, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower())
+    return None if plain is None else f"{plain}://{rest}"
 
 
 def connect(url: str, timeout_s: float) -> Any:
@@ -191,13 +198,13 @@ def connect(url: str, timeout_s: float) -> Any:
     from redis.asyncio.retry import Retry  # noqa: PLC0415
     from redis.backoff import NoBackoff  # noqa: PLC0415
 
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() in CLUSTER_SCHEMES:
+    cluster = _cluster_url(url)
+    if cluster is not None:
         from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
 
         t = max(0.5, timeout_s)
         return RedisCluster.from_url(
-            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            cluster,
             retry=Retry(NoBackoff(), 0),
             socket_timeout=t,
             socket_connect_timeout=t,
@@ -214,13 +221,13 @@ def connect_sync(url: str, timeout_s: float) -> Any:
     """
     import redis  # noqa: PLC0415 - optional dependency, only with redis_url
 
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() in CLUSTER_SCHEMES:
+    cluster = _cluster_url(url)
+    if cluster is not None:
         from redis.cluster import RedisCluster  # noqa: PLC0415
 
         t = max(0.5, timeout_s)
         return RedisCluster.from_url(
-            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            cluster,
             socket_timeout=t,
             socket_connect_timeout=t,
         )
@@ -418,8 +425,7 @@ class SharedState:
         async def once() -> None:
             client = connect(self._url, self._timeout_s)
             try:
-                await self.sync_once(client)
-                await self.sync_paces(client)
+                await self.sync(client)
             finally:
                 await client.aclose()
 
@@ -441,8 +447,7 @@ class SharedState:
             return
         try:
             while True:
-                await self.sync_once(client)
-                await self.sync_paces(client)
+                await self.sync(client)
                 if self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -452,7 +457,14 @@ class SharedState:
             self._loop = None
             await client.aclose()
 
-    async def sync_once(self, client: Any) -> None:
+    async def sync(self, client: Any) -> None:
+        """One tick: the shared state, then the paces; with Redis away, no second timeout."""
+        if await self.sync_once(client):
+            await self.sync_paces(client)
+        else:
+            self.pace.ok = False
+
+    async def sync_once(self, client: Any) -> bool:
         """Send every upstream's news (one script call each), adopt the shared view."""
         upstreams = list(self._guard.upstreams.values())
         groups = [[rt] for rt in upstreams] if self._cluster else [upstreams]
@@ -476,11 +488,12 @@ class SharedState:
                     type(failure).__name__,
                 )
             self.status = "degraded"
-            return
+            return False
         self.round_trips += 1
         if self.status == "degraded":
             log.warning("upstream_guard: Redis is back; sharing state again")
         self.status = "ok"
+        return True
 
     async def _call(self, client: Any, batch: _Batch) -> Any:
         from redis.exceptions import NoScriptError  # noqa: PLC0415 - optional dependency
@@ -552,20 +565,6 @@ class SharedState:
         except Exception:  # noqa: BLE001 - Redis trouble: calls pace locally at their share
             self.failed_round_trips += 1
             self.pace.ok = False
-
-    def _adopt(self, result: list[Any], breakers: list[Breaker], upstreams: list[Any]) -> None:
-        values = [v.decode() if isinstance(v, bytes) else v for v in result]
-        i = 1
-        for breaker in breakers:
-            state, epoch, age_ms, granted = values[i : i + 4]
-            i += 4
-            breaker.adopt(str(state), int(epoch), int(age_ms) / 1000, int(granted))
-        now = self._guard.clock.monotonic()
-        for rt in upstreams:
-            remaining_ms = int(values[i])
-            i += 1
-            if remaining_ms > 0:
-                rt.cooldown.adopt(now, remaining_ms / 1000)
 
 
 def _safe_url(url: str) -> str:

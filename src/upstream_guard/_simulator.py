@@ -326,12 +326,7 @@ class SpotifySimulator:
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         status = 200
         answer: dict[str, Any]
         if method == "PUT":
