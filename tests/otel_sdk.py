@@ -24,3 +24,16 @@ def install_sdk() -> tuple[InMemorySpanExporter, InMemoryMetricReader]:
         _installed.append(True)
     EXPORTER.clear()
     return EXPORTER, READER
+
+
+def metric_total(reader: InMemoryMetricReader, name: str) -> float:
+    """The sum of a metric's points so far (the process's counters only grow: compare two)."""
+    data = reader.get_metrics_data()
+    return sum(
+        point.value
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    )

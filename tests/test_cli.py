@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -56,6 +57,21 @@ def eventually(check, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)  # sleep-ok: waiting on real worker processes to sync
     return check()
+
+
+def isolated_answer(answer: httpx.Response) -> bool:
+    """The guard's 503 problem for an isolated upstream."""
+    return answer.status_code == 503 and "(isolated)" in answer.json().get("detail", "")
+
+
+def ok_answer(answer: httpx.Response) -> bool:
+    """The upstream's own answer, let through."""
+    return answer.status_code == 200
+
+
+def every_worker_says(workers: Workers, check: Callable[[httpx.Response], bool]) -> bool:
+    """Whether a round of answers from every worker all pass ``check`` (each has synced)."""
+    return all(map(check, workers.answers_from_all(2, until=time.monotonic() + 10)))
 
 
 def test_help_is_import_light():
@@ -184,7 +200,7 @@ def test_fleet_isolate_reset_with_two_workers_and_a_restart(redis_url):
             isolated = run("isolate", "spotify_api", "--redis", redis_url)
             assert isolated.returncode == 0, isolated.stderr
             assert "spotify_api isolated" in isolated.stdout
-            time.sleep(0.5)  # sleep-ok: five sync intervals of the real workers
+            assert eventually(lambda: every_worker_says(workers, isolated_answer), timeout=10)
             hits = sim.total_hits
             answers = workers.answers_from_all(8, until=time.monotonic() + 10)
             assert all(a.status_code == 503 and "(isolated)" in a.json()["detail"] for a in answers)
@@ -222,7 +238,7 @@ def test_fleet_isolate_reset_with_two_workers_and_a_restart(redis_url):
                 if answer is not None and answer.headers["x-pid"] not in old_pids:
                     new_pids.add(answer.headers["x-pid"])
             assert len(new_pids) == 2, "the workers did not restart"
-            time.sleep(0.5)  # sleep-ok: the new workers' first syncs
+            assert eventually(lambda: every_worker_says(workers, isolated_answer), timeout=10)
             hits = sim.total_hits
             answers = workers.answers_from_all(8, until=time.monotonic() + 10)
             assert all("(isolated)" in a.json()["detail"] for a in answers)
@@ -231,8 +247,7 @@ def test_fleet_isolate_reset_with_two_workers_and_a_restart(redis_url):
 
             reset = run("reset", "spotify_api", "--redis", redis_url)
             assert reset.returncode == 0, reset.stderr
-            assert eventually(lambda: workers.get().status_code == 200)
-            time.sleep(0.3)  # sleep-ok: every worker's next sync
+            assert eventually(lambda: every_worker_says(workers, ok_answer), timeout=10)
             answers = workers.answers_from_all(8, until=time.monotonic() + 10)
             assert [a.status_code for a in answers] == [200] * len(answers)
             assert len({a.headers["x-pid"] for a in answers}) == 2

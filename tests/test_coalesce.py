@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from conftest import make_settings
 from herd_server import HerdServer, who
-from otel_sdk import install_sdk
+from otel_sdk import install_sdk, metric_total
 from upstream_guard import (
     CallEvent,
     Guard,
@@ -754,17 +754,8 @@ async def test_followers_spans_and_metrics_say_coalesced(herd, herd_url, clock):
     guard = Guard(make_settings(herd_url), clock=clock)
     get = client_get("httpx", guard)
 
-    def saved() -> int:
-        data = reader.get_metrics_data()
-        points = [
-            p.value
-            for r in (data.resource_metrics if data else [])
-            for sm in r.scope_metrics
-            for m in sm.metrics
-            if m.name == "upstream_guard.coalesced"
-            for p in m.data.data_points
-        ]
-        return int(sum(points))
+    def saved() -> float:
+        return metric_total(reader, "upstream_guard.coalesced")
 
     before = saved()
     await herd_of(6, lambda: get(herd_url + PLAYLIST, headers=AUTH), herd, guard)

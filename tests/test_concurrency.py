@@ -29,7 +29,8 @@ class StepTimer:
     A step the scheduler took the CPU from (an involuntary context switch: another process
     or thread ran meanwhile) counts the CPU time it used, not the time it waited for a CPU:
     that wait is the machine's load, not the guard's work. A step that blocks (a sleep, a
-    lock, blocking I/O) gives the CPU up itself, so it still counts its full wall time.
+    lock, blocking I/O) gives the CPU up itself (a voluntary switch), so it counts its full
+    wall time even when it was also preempted.
     """
 
     def __init__(self) -> None:
@@ -39,10 +40,11 @@ class StepTimer:
         self.preempted = 0
         self._started = 0.0
         self._cpu = 0.0
-        self._switches = 0
+        self._switches = (0, 0)
 
     def before_task_step(self, task: Any) -> None:  # noqa: ARG002 - the instrument API
-        self._switches = resource.getrusage(RUSAGE_THREAD).ru_nivcsw
+        usage = resource.getrusage(RUSAGE_THREAD)
+        self._switches = (usage.ru_nivcsw, usage.ru_nvcsw)
         self._cpu = time.thread_time()
         self._started = time.perf_counter()
 
@@ -51,7 +53,12 @@ class StepTimer:
         if started:
             took = time.perf_counter() - started
             cpu = time.thread_time() - self._cpu
-            if resource.getrusage(RUSAGE_THREAD).ru_nivcsw != self._switches:
+            usage = resource.getrusage(RUSAGE_THREAD)
+            preempted, blocked = (
+                usage.ru_nivcsw != self._switches[0],
+                usage.ru_nvcsw != self._switches[1],
+            )
+            if preempted and not blocked:  # a step that blocked counts its whole wall time
                 self.preempted += 1
                 took = cpu
             self.all.append(took)
