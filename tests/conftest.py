@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from upstream_guard import GuardSettings
+from upstream_guard import Guard, GuardSettings
 from upstream_guard.testing import (
     FakeClock,
     RedisClusterServer,
@@ -87,6 +88,18 @@ def make_settings(url: str, **groups: Any) -> GuardSettings:
     """Settings whose spotify_api upstream is the server at ``url``, with group overrides."""
     hostport = url.split("://", 1)[1].rstrip("/")
     return GuardSettings(upstreams={"spotify_api": {"hosts": [hostport], **groups}})
+
+
+def shared_settings(url: str, redis_url: str, **groups: Any) -> GuardSettings:
+    """``make_settings`` shared through the Redis at ``redis_url``, syncing every 50 ms."""
+    base = make_settings(url, **groups)
+    return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})
+
+
+def sync_get(guard: Guard, url: str) -> httpx.Response:
+    """One GET through the guard's sync transport."""
+    with httpx.Client(transport=guard.sync_transport()) as client:
+        return client.get(url)
 
 
 Redis = RedisServer | RedisClusterServer

@@ -33,13 +33,18 @@ class HerdServer:
     def __init__(self) -> None:
         """Healthy, not holding."""
         self.hits: Counter[str] = Counter()
+        self._gate = threading.Event()
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self, *, first_hangs: bool = False) -> None:
+        """As new: healthy, no hits, not holding (``first_hangs``: each path's first waits)."""
         self.mode = "ok"
         self.big_bytes = 4096
-        self.first_hangs = False
+        self.first_hangs = first_hangs
         self.disconnects = 0
-        self._gate = threading.Event()
+        self.hits.clear()
         self._gate.set()
-        self._lock = threading.Lock()
 
     @property
     def total(self) -> int:

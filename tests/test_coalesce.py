@@ -52,10 +52,7 @@ def _herd() -> Any:
 def herd(_herd: tuple[HerdServer, str]) -> Any:
     """The counting server, healthy, not holding, with no hits."""
     app, _ = _herd
-    app.mode, app.first_hangs = "ok", False
-    app.hits.clear()
-    app.disconnects = 0
-    app.release()
+    app.reset()
     yield app
     app.release()
 

@@ -36,8 +36,7 @@ def _herd() -> Any:
 def herd(_herd: tuple[HerdServer, str]) -> Any:
     """The counting server: the first request of each path hangs until released."""
     app, _ = _herd
-    app.mode, app.first_hangs = "ok", True
-    app.hits.clear()
+    app.reset(first_hangs=True)
     app.hold()  # only the first request of a path waits: ``first_hangs``
     yield app
     app.release()

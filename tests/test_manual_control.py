@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from conftest import make_settings
+from conftest import make_settings, shared_settings, sync_get
 from otel_sdk import install_sdk
 from upstream_guard import CallEvent, CircuitOpenError, Guard, GuardSettings, install
 from upstream_guard._fleet import FleetError, fleet_status
@@ -19,16 +19,6 @@ from upstream_guard.testing import FakeClock, Fault
 
 pytestmark = pytest.mark.anyio
 HEALTH = "/_upstream_guard/health"
-
-
-def shared(url: str, redis_url: str, **groups: Any) -> GuardSettings:
-    base = make_settings(url, **groups)
-    return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})
-
-
-def get(guard: Guard, url: str) -> httpx.Response:
-    with httpx.Client(transport=guard.sync_transport()) as client:
-        return client.get(url)
 
 
 def build_app(sim_url: str) -> FastAPI:
@@ -54,7 +44,7 @@ def test_isolate_refuses_every_call_until_reset(sim, sim_url, clock):
     changes: list[tuple[str, str, str]] = []
     guard.state_hooks.append(lambda *change: changes.append(change))
     sim.set_fault(Fault.no_healthy_upstream())
-    assert get(guard, f"{sim_url}/v1/me").status_code == 503
+    assert sync_get(guard, f"{sim_url}/v1/me").status_code == 503
     assert guard.snapshot()["upstreams"]["spotify_api"]["failures"] == 1
     sim.heal()
 
@@ -62,7 +52,7 @@ def test_isolate_refuses_every_call_until_reset(sim, sim_url, clock):
     assert guard.state("spotify_api") == "isolated"
     for _ in range(3):
         with pytest.raises(CircuitOpenError) as info:
-            get(guard, f"{sim_url}/v1/me")
+            sync_get(guard, f"{sim_url}/v1/me")
         assert info.value.reason == "isolated"
         assert info.value.upstream == "spotify_api"
         assert isinstance(info.value, httpx.TransportError)  # still the client's error class
@@ -73,7 +63,7 @@ def test_isolate_refuses_every_call_until_reset(sim, sim_url, clock):
     clock.advance(3600)  # no timeout ends an isolation
     assert guard.state("spotify_api") == "isolated"
     with pytest.raises(CircuitOpenError):
-        get(guard, f"{sim_url}/v1/me")
+        sync_get(guard, f"{sim_url}/v1/me")
     assert guard.state("spotify_accounts") == "closed"  # only the one named
 
     guard.reset("spotify_api")
@@ -86,7 +76,7 @@ def test_isolate_refuses_every_call_until_reset(sim, sim_url, clock):
         False,
     )
     assert upstream["last_failure"] is None
-    assert get(guard, f"{sim_url}/v1/me").status_code == 200
+    assert sync_get(guard, f"{sim_url}/v1/me").status_code == 200
     assert sim.total_hits == 1
 
 
@@ -97,13 +87,13 @@ def test_reset_closes_an_open_breaker_and_clears_its_count(sim, sim_url, clock):
     )
     sim.set_fault(Fault.no_healthy_upstream())
     for _ in range(2):
-        get(guard, f"{sim_url}/v1/me")
+        sync_get(guard, f"{sim_url}/v1/me")
     assert guard.state("spotify_api") == "open"
     guard.reset("spotify_api")
     assert guard.state("spotify_api") == "closed"
-    assert get(guard, f"{sim_url}/v1/me").status_code == 503  # a failure, not a refusal
+    assert sync_get(guard, f"{sim_url}/v1/me").status_code == 503  # a failure, not a refusal
     assert guard.state("spotify_api") == "closed"  # one of two
-    get(guard, f"{sim_url}/v1/me")
+    sync_get(guard, f"{sim_url}/v1/me")
     assert guard.state("spotify_api") == "open"
 
 
@@ -111,23 +101,23 @@ def test_isolation_covers_endpoint_breakers_made_later(sim, sim_url, clock):
     """With one breaker per endpoint, an endpoint first called after isolate is refused too."""
     settings = make_settings(sim_url, breaker={"scope": "endpoint"}, retry={"attempts": 1})
     guard = Guard(settings, clock=clock)
-    assert get(guard, f"{sim_url}/v1/me").status_code == 200
+    assert sync_get(guard, f"{sim_url}/v1/me").status_code == 200
     guard.isolate("spotify_api")
     with pytest.raises(CircuitOpenError, match="isolated"):
-        get(guard, f"{sim_url}/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp")
+        sync_get(guard, f"{sim_url}/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp")
     assert set(guard.snapshot()["upstreams"]["spotify_api"]["breakers"].values()) == {"isolated"}
     guard.reset("spotify_api")
-    assert get(guard, f"{sim_url}/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp").status_code == 200
+    assert sync_get(guard, f"{sim_url}/v1/tracks/3n3Ppam7vgaVa1iaRUc9Lp").status_code == 200
 
 
 def test_isolation_wins_over_a_cooldown(sim, sim_url, clock):
     """A call to an isolated upstream in a 429 cooldown is refused as isolated, not throttled."""
     guard = Guard(make_settings(sim_url, retry={"attempts": 1}), clock=clock)
     sim.set_fault(Fault.rate_limited(120))
-    assert get(guard, f"{sim_url}/v1/me").status_code == 429
+    assert sync_get(guard, f"{sim_url}/v1/me").status_code == 429
     guard.isolate("spotify_api")
     with pytest.raises(CircuitOpenError) as info:
-        get(guard, f"{sim_url}/v1/me")
+        sync_get(guard, f"{sim_url}/v1/me")
     assert info.value.reason == "isolated"
     guard.reset("spotify_api")  # the cooldown is Spotify's ask: it stays
     assert guard.snapshot()["upstreams"]["spotify_api"]["cooldown_s"] > 0
@@ -188,12 +178,12 @@ async def test_span_shows_isolation(sim, sim_url, clock):
 
 def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_url, shared_redis):
     """One guard's isolate and reset reach another at its next sync; a new guard starts isolated."""
-    settings = shared(sim_url, redis_url, breaker={"fail_max": 3}, retry={"attempts": 1})
+    settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 3}, retry={"attempts": 1})
     a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
     assert a.shared is not None
     assert b.shared is not None
     sim.set_fault(Fault.no_healthy_upstream())
-    get(b, f"{sim_url}/v1/me")  # one failure on b, shared
+    sync_get(b, f"{sim_url}/v1/me")  # one failure on b, shared
     b.shared.sync_now()
     sim.heal()
 
@@ -203,7 +193,7 @@ def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_u
     b.shared.sync_now()
     assert b.state("spotify_api") == "isolated"
     with pytest.raises(CircuitOpenError, match="isolated"):
-        get(b, f"{sim_url}/v1/me")
+        sync_get(b, f"{sim_url}/v1/me")
 
     restarted = Guard(settings, clock=FakeClock())  # a worker started after the isolation
     assert restarted.shared is not None
@@ -215,7 +205,7 @@ def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_u
     for guard in (a, restarted):
         guard.shared.sync_now()  # type: ignore[union-attr]
         assert guard.state("spotify_api") == "closed"
-        assert get(guard, f"{sim_url}/v1/me").status_code == 200
+        assert sync_get(guard, f"{sim_url}/v1/me").status_code == 200
     assert shared_redis.client().exists("{upstream_guard:spotify_api}:isolated") == 0
     (api,) = [
         u for u in fleet_status(shared_redis.client(), "upstream_guard") if u.name == "spotify_api"
@@ -225,11 +215,11 @@ def test_isolate_and_reset_reach_every_guard_through_redis(sim, sim_url, redis_u
 
 def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_url, shared_redis):
     """The command's reset (Redis only) closes a fleet-wide open breaker and clears its counts."""
-    settings = shared(sim_url, redis_url, breaker={"fail_max": 2}, retry={"attempts": 1})
+    settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 2}, retry={"attempts": 1})
     a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
     sim.set_fault(Fault.no_healthy_upstream())
     for _ in range(2):
-        get(a, f"{sim_url}/v1/me")
+        sync_get(a, f"{sim_url}/v1/me")
     a.shared.sync_now()  # type: ignore[union-attr]
     b.shared.sync_now()  # type: ignore[union-attr]
     assert b.state("spotify_api") == "open"
@@ -248,7 +238,7 @@ def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_
     assert client.hget("{upstream_guard:spotify_api}:breaker", "state") == "closed"
     assert client.hget("{upstream_guard:spotify_api}:breaker", "failures_total") == "0"
     sim.set_fault(Fault.no_healthy_upstream())
-    get(b, f"{sim_url}/v1/me")  # one failure after the reset does not re-open it
+    sync_get(b, f"{sim_url}/v1/me")  # one failure after the reset does not re-open it
     b.shared.sync_now()  # type: ignore[union-attr]
     a.shared.sync_now()  # type: ignore[union-attr]
     assert a.state("spotify_api") == b.state("spotify_api") == "closed"
@@ -265,7 +255,7 @@ def test_reset_from_outside_closes_open_breakers_everywhere(sim, sim_url, redis_
 
 def test_isolation_survives_redis_forgetting_it(sim, sim_url, redis_url, shared_redis):
     """Redis restarted empty: an isolated worker writes its isolation back at its next sync."""
-    settings = shared(sim_url, redis_url)
+    settings = shared_settings(sim_url, redis_url)
     a = Guard(settings, clock=FakeClock())
     a.isolate("spotify_api")
     a.shared.sync_now()  # type: ignore[union-attr]
@@ -278,7 +268,7 @@ def test_isolation_survives_redis_forgetting_it(sim, sim_url, redis_url, shared_
 
 def test_isolate_before_the_first_sync_is_kept(sim, sim_url, redis_url):
     """A worker isolating before it ever synced keeps it, even after an older fleet reset."""
-    settings = shared(sim_url, redis_url)
+    settings = shared_settings(sim_url, redis_url)
     first = Guard(settings, clock=FakeClock())
     first.reset("spotify_api")  # an older reset: a generation in Redis
     first.shared.sync_now()  # type: ignore[union-attr]

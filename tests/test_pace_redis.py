@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Redis, make_settings
+from conftest import Redis, shared_settings, sync_get
 from upstream_guard import Guard, GuardSettings, RateLimitedError
 from upstream_guard._pace import BETA, PACE_SCRIPT, PLATEAU_S
 from upstream_guard.testing import FakeClock, Fault, RedisServer
@@ -25,16 +25,6 @@ def node_clients(server: Redis) -> list[Any]:
     if isinstance(server, RedisServer):
         return [server.client()]
     return [redis.Redis(port=node.port, decode_responses=True) for node in server.nodes]
-
-
-def shared(url: str, redis_url: str, **groups: Any) -> GuardSettings:
-    base = make_settings(url, **groups)
-    return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})
-
-
-def get(guard: Guard, url: str) -> httpx.Response:
-    with httpx.Client(transport=guard.sync_transport()) as client:
-        return client.get(url)
 
 
 def evalsha_calls(clients: list[Any]) -> int:
@@ -54,11 +44,11 @@ def commands(clients: list[Any]) -> list[int]:
 def test_a_slot_taken_by_one_guard_is_gone_for_another(sim, sim_url, redis_url):
     """Two guards (two workers) draw from one GCRA: the second finds the slot taken."""
     pace = {"requests_per_s": 0.5, "burst": 1, "max_wait_s": 0}
-    a = Guard(shared(sim_url, redis_url, pace=pace), clock=FakeClock())
-    b = Guard(shared(sim_url, redis_url, pace=pace), clock=FakeClock())
-    assert get(a, f"{sim_url}/v1/me").status_code == 200
+    a = Guard(shared_settings(sim_url, redis_url, pace=pace), clock=FakeClock())
+    b = Guard(shared_settings(sim_url, redis_url, pace=pace), clock=FakeClock())
+    assert sync_get(a, f"{sim_url}/v1/me").status_code == 200
     with pytest.raises(RateLimitedError) as info:
-        get(b, f"{sim_url}/v1/me")
+        sync_get(b, f"{sim_url}/v1/me")
     assert info.value.reason == "paced"
     assert 1.0 < info.value.retry_after_s <= 2.0  # Redis' clock: the slot is 2 s after the first
     assert sim.total_hits == 1
@@ -67,20 +57,20 @@ def test_a_slot_taken_by_one_guard_is_gone_for_another(sim, sim_url, redis_url):
 def test_one_round_trip_per_paced_call_and_none_without_a_pace(sim, sim_url, shared_redis):
     """No pace in force: no Redis command at all; a paced call: exactly one EVALSHA."""
     clients = node_clients(shared_redis)
-    plain = Guard(shared(sim_url, shared_redis.url), clock=FakeClock())
+    plain = Guard(shared_settings(sim_url, shared_redis.url), clock=FakeClock())
     paced = Guard(
-        shared(sim_url, shared_redis.url, pace={"requests_per_s": 1000}), clock=FakeClock()
+        shared_settings(sim_url, shared_redis.url, pace={"requests_per_s": 1000}), clock=FakeClock()
     )
-    get(paced, f"{sim_url}/v1/me")  # loads the script once
+    sync_get(paced, f"{sim_url}/v1/me")  # loads the script once
     for client in clients:
         client.config_resetstat()
     before = commands(clients)
     for _ in range(5):
-        get(plain, f"{sim_url}/v1/me")
+        sync_get(plain, f"{sim_url}/v1/me")
     # Only this test's own INFO reached each node.
     assert [n - b for n, b in zip(commands(clients), before, strict=True)] == [1] * len(clients)
     for _ in range(7):
-        get(paced, f"{sim_url}/v1/me")
+        sync_get(paced, f"{sim_url}/v1/me")
     assert evalsha_calls(clients) == 7
     for client in clients:
         client.close()
@@ -88,17 +78,17 @@ def test_one_round_trip_per_paced_call_and_none_without_a_pace(sim, sim_url, sha
 
 def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
     """A pace learned from a 429 in one worker holds in another after a sync."""
-    settings = shared(sim_url, redis_url, retry={"attempts": 1}, pace={"max_wait_s": 10})
+    settings = shared_settings(sim_url, redis_url, retry={"attempts": 1}, pace={"max_wait_s": 10})
     clock_a, clock_b = FakeClock(start=5000.0), FakeClock(start=9000.0)
     a, b = Guard(settings, clock=clock_a), Guard(settings, clock=clock_b)
     assert a.shared is not None
     assert b.shared is not None
     b.shared.sync_now()
     for i in range(10):  # a call every 3 s: slots far apart, even in Redis' real time
-        get(a, f"{sim_url}/v1/tracks/{i:022d}")
+        sync_get(a, f"{sim_url}/v1/tracks/{i:022d}")
         clock_a.advance(3.0)
     sim.script([Fault.rate_limited(1)])
-    assert get(a, f"{sim_url}/v1/me").status_code == 429
+    assert sync_get(a, f"{sim_url}/v1/me").status_code == 429
     learned = a.snapshot()["upstreams"]["spotify_api"]["pace"]
     assert learned["source"] == "learned"
     a.shared.sync_now()
@@ -117,7 +107,7 @@ def test_the_learned_pace_reaches_the_other_workers(sim, sim_url, redis_url):
         assert rate == pytest.approx(1.1 * plateau, rel=0.02)
     # A learned pace has no burst in the shared GCRA either: the second call waits its slot.
     clock_b.slept.clear()
-    assert [get(b, f"{sim_url}/v1/me").status_code for _ in range(2)] == [200, 200]
+    assert [sync_get(b, f"{sim_url}/v1/me").status_code for _ in range(2)] == [200, 200]
     assert max(clock_b.slept, default=0.0) > 0.5 / (1.1 * plateau)
 
 
@@ -126,16 +116,16 @@ def test_redis_killed_mid_run_loses_no_call_and_paces_at_the_share(sim, sim_url,
     server = killable
     pace = {"requests_per_s": 40, "max_wait_s": 1}
     clock = FakeClock()
-    a = Guard(shared(sim_url, server.url, pace=pace), clock=clock)
-    b = Guard(shared(sim_url, server.url, pace=pace), clock=FakeClock())
+    a = Guard(shared_settings(sim_url, server.url, pace=pace), clock=clock)
+    b = Guard(shared_settings(sim_url, server.url, pace=pace), clock=FakeClock())
     assert a.shared is not None
     assert b.shared is not None
     b.shared.sync_now()
     a.shared.sync_now()
-    statuses = [get(a, f"{sim_url}/v1/me").status_code for _ in range(10)]
+    statuses = [sync_get(a, f"{sim_url}/v1/me").status_code for _ in range(10)]
     assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
     server.kill()
-    statuses += [get(a, f"{sim_url}/v1/me").status_code for _ in range(50)]
+    statuses += [sync_get(a, f"{sim_url}/v1/me").status_code for _ in range(50)]
     assert statuses == [200] * 60
     assert sim.total_hits == 60
     snapshot = a.snapshot()
@@ -149,7 +139,7 @@ def test_redis_killed_mid_run_loses_no_call_and_paces_at_the_share(sim, sim_url,
     server.start()
     a.shared.sync_now()
     assert a.snapshot()["upstreams"]["spotify_api"]["pace"]["shared"] == "redis"
-    assert get(a, f"{sim_url}/v1/me").status_code == 200
+    assert sync_get(a, f"{sim_url}/v1/me").status_code == 200
 
 
 def test_the_gcra_script_takes_the_rate_as_an_argument(shared_redis):
@@ -237,17 +227,17 @@ def test_two_processes_share_one_pace(redis_url):
 
 def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, redis_url):
     """Two workers each measure one overload from their share: the fleet takes their mean."""
-    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    settings = shared_settings(sim_url, redis_url, retry={"attempts": 1})
     rates = []
     guards = []
     for calls in (30, 10):
         clock = FakeClock(start=5000.0)
         guard = Guard(settings, clock=clock)
         for i in range(calls):
-            get(guard, f"{sim_url}/v1/tracks/{i:022d}")
+            sync_get(guard, f"{sim_url}/v1/tracks/{i:022d}")
             clock.advance(3 / calls)
         sim.script([Fault.rate_limited(1)])
-        assert get(guard, f"{sim_url}/v1/me").status_code == 429
+        assert sync_get(guard, f"{sim_url}/v1/me").status_code == 429
         rates.append(guard.snapshot()["upstreams"]["spotify_api"]["pace"]["rate_per_s"])
         guards.append(guard)
     assert rates[0] > 2 * rates[1]  # each saw its own share of the load
@@ -261,12 +251,12 @@ def test_two_workers_learning_from_one_overload_share_the_mean(sim, sim_url, red
 
 def test_workers_with_an_uneven_split_measure_the_fleets_rate(sim, sim_url, redis_url):
     """40 and 10 calls in 3 s, then 429 with Retry-After 7: both learn 0.9 x 50 / 10 s."""
-    settings = shared(sim_url, redis_url, retry={"attempts": 1})
+    settings = shared_settings(sim_url, redis_url, retry={"attempts": 1})
     clocks = [FakeClock(start=5000.0), FakeClock(start=5000.0)]
     a, b = (Guard(settings, clock=clock) for clock in clocks)
     for guard, clock, calls in ((a, clocks[0], 40), (b, clocks[1], 10)):
         for i in range(calls):
-            assert get(guard, f"{sim_url}/v1/tracks/{i:022d}").status_code == 200
+            assert sync_get(guard, f"{sim_url}/v1/tracks/{i:022d}").status_code == 200
             clock.advance(3 / calls)
     for guard in (a, b, a):  # each has published its accepted calls and seen the other's
         assert guard.shared is not None
@@ -274,7 +264,7 @@ def test_workers_with_an_uneven_split_measure_the_fleets_rate(sim, sim_url, redi
     learned = []
     for guard in (a, b):
         sim.script([Fault.rate_limited(7)])
-        assert get(guard, f"{sim_url}/v1/me").status_code == 429
+        assert sync_get(guard, f"{sim_url}/v1/me").status_code == 429
         view = guard.snapshot()["upstreams"]["spotify_api"]["pace"]
         assert view["source"] == "learned"
         learned.append(view["rate_per_s"])

@@ -17,16 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Redis, make_settings
+from conftest import Redis, shared_settings, sync_get
 from upstream_guard import CircuitOpenError, Guard, GuardSettings, RateLimitedError
 from upstream_guard.testing import FakeClock, Fault, RedisClusterServer
 
 KEY = "{upstream_guard:spotify_api}:breaker"
-
-
-def shared_settings(url: str, redis_url: str, **groups) -> GuardSettings:
-    base = make_settings(url, **groups)
-    return base.model_copy(update={"redis_url": redis_url, "redis_sync_interval_s": 0.05})
 
 
 def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
@@ -39,11 +34,6 @@ def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
     return check()
 
 
-def get(guard: Guard, url: str) -> httpx.Response:
-    with httpx.Client(transport=guard.sync_transport()) as client:
-        return client.get(url)
-
-
 def test_a_trip_in_one_guard_refuses_in_another(sim, sim_url, redis_url):
     """After one worker trips, another refuses without touching the upstream."""
     settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 2}, retry={"attempts": 1})
@@ -52,14 +42,14 @@ def test_a_trip_in_one_guard_refuses_in_another(sim, sim_url, redis_url):
     assert b.shared is not None
     sim.set_fault(Fault.no_healthy_upstream())
     for _ in range(2):
-        get(a, f"{sim_url}/v1/me")
+        sync_get(a, f"{sim_url}/v1/me")
     assert a.state("spotify_api") == "open"
     a.shared.sync_now()
     b.shared.sync_now()
     assert b.state("spotify_api") == "open"
     hits = sim.total_hits
     with pytest.raises(CircuitOpenError):
-        get(b, f"{sim_url}/v1/me")
+        sync_get(b, f"{sim_url}/v1/me")
     assert sim.total_hits == hits
 
 
@@ -69,7 +59,7 @@ def test_failures_from_several_guards_add_up_to_a_trip(sim, sim_url, shared_redi
     guards = [Guard(settings, clock=FakeClock()) for _ in range(4)]
     sim.set_fault(Fault.json_5xx(502))
     for guard in guards:
-        get(guard, f"{sim_url}/v1/me")
+        sync_get(guard, f"{sim_url}/v1/me")
         assert guard.state("spotify_api") == "closed"
     for guard in guards:  # the fourth report trips the shared breaker
         assert guard.shared is not None
@@ -96,12 +86,12 @@ def test_a_429_in_one_guard_pauses_the_others(sim, sim_url, redis_url):
     settings = shared_settings(sim_url, redis_url, retry={"max_retry_after_s": 0.5})
     a, b = Guard(settings, clock=FakeClock()), Guard(settings, clock=FakeClock())
     sim.set_fault(Fault.rate_limited(30))
-    assert get(a, f"{sim_url}/v1/me").status_code == 429
+    assert sync_get(a, f"{sim_url}/v1/me").status_code == 429
     a.shared.sync_now()  # type: ignore[union-attr]
     b.shared.sync_now()  # type: ignore[union-attr]
     hits = sim.total_hits
     with pytest.raises(RateLimitedError) as info:
-        get(b, f"{sim_url}/v1/me")
+        sync_get(b, f"{sim_url}/v1/me")
     assert info.value.retry_after_s == pytest.approx(30, abs=1)
     assert sim.total_hits == hits
     assert b.state("spotify_api") == "closed"
@@ -117,7 +107,7 @@ def test_half_open_probes_are_bounded_across_guards(sim, sim_url, redis_url):
     )
     guards = [Guard(settings) for _ in range(3)]  # real clocks: Redis keeps real time
     sim.set_fault(Fault.no_healthy_upstream())
-    get(guards[0], f"{sim_url}/v1/me")
+    sync_get(guards[0], f"{sim_url}/v1/me")
     for guard in guards:
         guard.shared.sync_now()  # type: ignore[union-attr]
         assert guard.upstreams["spotify_api"].breakers["spotify_api"].current == "open"
@@ -125,7 +115,7 @@ def test_half_open_probes_are_bounded_across_guards(sim, sim_url, redis_url):
     time.sleep(0.35)  # sleep-ok: Redis judges the reset timeout by its own real clock
     for guard in guards:  # each asks for a probe and is told to wait for a lease
         with pytest.raises(CircuitOpenError):
-            get(guard, f"{sim_url}/v1/me")
+            sync_get(guard, f"{sim_url}/v1/me")
     for guard in guards:
         guard.shared.sync_now()  # type: ignore[union-attr]
     allowances = [
@@ -133,7 +123,7 @@ def test_half_open_probes_are_bounded_across_guards(sim, sim_url, redis_url):
     ]
     assert sum(allowances) == 1
     holder = guards[allowances.index(1)]
-    assert get(holder, f"{sim_url}/v1/me").status_code == 200
+    assert sync_get(holder, f"{sim_url}/v1/me").status_code == 200
     assert sim.total_hits == 1
     holder.shared.sync_now()  # type: ignore[union-attr]
     for guard in guards:
@@ -156,7 +146,7 @@ def test_redis_down_serves_locally_then_resumes(sim, sim_url, caplog, killable):
     sim.set_fault(Fault.json_5xx(500))
     with caplog.at_level(logging.WARNING, logger="upstream_guard"):
         for _ in range(3):
-            assert get(guard, f"{sim_url}/v1/me").status_code == 500
+            assert sync_get(guard, f"{sim_url}/v1/me").status_code == 500
             started = time.monotonic()
             shared.sync_now()
             assert time.monotonic() - started < 2
@@ -177,7 +167,7 @@ def test_background_thread_shares_a_trip_within_a_second(sim, sim_url, redis_url
     settings = shared_settings(sim_url, redis_url, breaker={"fail_max": 1}, retry={"attempts": 1})
     with Guard(settings) as a, Guard(settings) as b:
         sim.set_fault(Fault.no_healthy_upstream())
-        get(a, f"{sim_url}/v1/me")
+        sync_get(a, f"{sim_url}/v1/me")
         tripped = time.monotonic()
         assert eventually(lambda: b.state("spotify_api") == "open", timeout=1.0)
         assert time.monotonic() - tripped < 1.0
@@ -258,8 +248,8 @@ def test_each_upstreams_keys_share_one_slot_on_the_cluster(sim, sim_url, redis_c
     guard = Guard(settings, clock=FakeClock())
     sim.set_fault(Fault.no_healthy_upstream(), "/v1/me")
     sim.set_fault(Fault.rate_limited(30), "/v1/tracks")
-    get(guard, f"{sim_url}/v1/me")
-    get(guard, f"{sim_url}/v1/tracks/4uLU6hMCjMI75M1A2tKUQC")
+    sync_get(guard, f"{sim_url}/v1/me")
+    sync_get(guard, f"{sim_url}/v1/tracks/4uLU6hMCjMI75M1A2tKUQC")
     guard.shared.sync_now()  # type: ignore[union-attr]
     assert guard.snapshot()["shared_state"] == "ok"
     keys = sorted(client.keys("*", target_nodes=client.PRIMARIES))
@@ -300,7 +290,7 @@ def test_a_cluster_node_down_stops_sharing_only_for_its_upstreams(sim, sim_url, 
     try:
         victim.kill()
         sim.set_fault(Fault.no_healthy_upstream())
-        get(a, f"{sim_url}/v1/me")
+        sync_get(a, f"{sim_url}/v1/me")
         a.shared.sync_now()  # type: ignore[union-attr]
         b.shared.sync_now()  # type: ignore[union-attr]
         assert b.state("spotify_api") == "open"  # shared through the node still up
@@ -368,14 +358,14 @@ def test_a_report_resent_after_a_lost_reply_counts_once(sim, sim_url, redis_serv
         guard.shared.sync_now()  # loads the script: a lost NOSCRIPT reply would prove nothing
         sim.set_fault(Fault.json_5xx(502))
         for _ in range(3):
-            get(guard, f"{sim_url}/v1/me")
+            sync_get(guard, f"{sim_url}/v1/me")
         recorded = guard.upstreams["spotify_api"].breaker.failures_total
         proxy.drop = True
         guard.shared.sync_now()  # Redis adds the failures; the answer never arrives
         assert guard.shared.status == "degraded"
         assert client.hget(KEY, "failures_total") == str(recorded)
         proxy.drop = False
-        get(guard, f"{sim_url}/v1/me")  # more failures join the resent ones
+        sync_get(guard, f"{sim_url}/v1/me")  # more failures join the resent ones
         more = guard.upstreams["spotify_api"].breaker.failures_total - recorded
         assert more > 0
         guard.shared.sync_now()
