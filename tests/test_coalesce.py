@@ -582,7 +582,7 @@ async def test_an_error_reaches_everyone_as_their_own_and_counts_once(herd, herd
             herd_url,
             breaker={"fail_max": 2},
             retry={"attempts": 1},
-            timeout={"attempt_s": 1.0, "total_s": 2},  # real time: all 6 join first,
+            timeout={"attempt_s": 1.0, "total_s": 2},  # real time: all 6 join before it
         ),
         clock=clock,
     )
